@@ -1,0 +1,158 @@
+"""Hand-written optimizers (PAPER.md §3), the half-life rule for β (§2) and the LR schedule (§4).
+
+    opt = optim.adam(b1=0.9, b2=optim.beta_from_halflife(10e6, tokens_per_step=1024))
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params, lr)   # updates already hold the -lr
+    params = optim.apply_updates(params, updates)
+
+Each optimizer is an (init, update) pair of pure functions over a pytree of parameters, and
+each update rule is written one line per equation, in the paper's symbols. The arithmetic and
+the state are float32 whatever the parameters' dtype.
+"""
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+class Optimizer(NamedTuple):
+    init: Callable    # params -> state
+    update: Callable  # (grads, state, params, lr) -> (updates, state)
+
+
+def _zeros(params):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
+
+
+def _to_f32(tree):
+    return jax.tree.map(lambda x: x.astype(f32), tree)
+
+
+def _rms(x):
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def sgd(momentum=0.0):
+    """SGD: θ ← θ − lr·g. Momentum 0 (the paper's batch-1 recipe, §3) keeps no state at all.
+
+    With momentum β it is the EMA form of the toy problem (§8): m ← β·m + (1 − β)·g,
+    θ ← θ − lr·m. Heavy-ball momentum (m ← β·m + g, as in PyTorch) is the same optimizer
+    with its lr scaled by 1/(1 − β); the EMA form keeps lr comparable across β.
+    """
+    b1 = momentum
+
+    def init(params):
+        return {} if b1 == 0 else {"m": _zeros(params)}
+
+    def update(grads, state, params, lr):
+        g = _to_f32(grads)
+        if b1 == 0:
+            return jax.tree.map(lambda g: -lr * g, g), state
+        m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], g)
+        return jax.tree.map(lambda m: -lr * m, m), {"m": m}
+
+    return Optimizer(init, update)
+
+
+def adam(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0):
+    """Adam with bias correction and decoupled weight decay (AdamW: −lr·wd·θ, §3)."""
+    def init(params):
+        return {"m": _zeros(params), "v": _zeros(params), "t": jnp.zeros([], jnp.int32)}
+
+    def update(grads, state, params, lr):
+        g = _to_f32(grads)
+        t = state["t"] + 1
+        m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], g)
+        v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], g)
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t                      # bias correction of m and v
+        updates = jax.tree.map(
+            lambda m, v, p: -lr * ((m / c1) / (jnp.sqrt(v / c2) + eps) + weight_decay * p),
+            m, v, _to_f32(params))
+        return updates, {"m": m, "v": v, "t": t}
+
+    return Optimizer(init, update)
+
+
+def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=None):
+    """Adafactor as the paper uses it (§3; Shazeer & Stern 2018): no first moment, a factored
+    second moment, update RMS clipped to `clip`, step scaled by max(RMS(θ), 1e-3).
+
+    A matrix whose two dimensions are both >= min_dim_to_factor keeps only the row means and the
+    column means of g² (rows + cols numbers, not rows x cols) and estimates the full second moment
+    as their outer product over their mean; any other leaf keeps a full second moment.
+
+    β2 is a constant (set it from a half-life in tokens, like Adam's) with Adafactor's bias
+    correction β̂2_t = β2·(1 − β2^(t−1)) / (1 − β2^t), which equals Adam's correction of v.
+    The official code instead feeds its "β2" to the schedule β̂2_t = 1 − t^(−β2), which for
+    β2 ≈ 0.9999 is close to a running mean of all past g²: pass decay_power=β2 to get that.
+    """
+    def factored(p):
+        return p.ndim == 2 and min(p.shape) >= min_dim_to_factor
+
+    def init(params):
+        def leaf(p):
+            if factored(p):
+                return {"v_row": jnp.zeros(p.shape[0], f32), "v_col": jnp.zeros(p.shape[1], f32)}
+            return {"v": jnp.zeros(p.shape, f32)}
+        return {"v": jax.tree.map(leaf, params), "t": jnp.zeros([], jnp.int32)}
+
+    def update(grads, state, params, lr):
+        t = state["t"] + 1
+        if decay_power is None:
+            b2_t = b2 * (1 - b2 ** (t - 1)) / (1 - b2 ** t)
+        else:
+            b2_t = 1 - t.astype(f32) ** -decay_power
+
+        def leaf(g, v, p):
+            g2 = g * g + eps
+            if "v_row" in v:
+                v_row = b2_t * v["v_row"] + (1 - b2_t) * g2.mean(axis=1)   # [rows]
+                v_col = b2_t * v["v_col"] + (1 - b2_t) * g2.mean(axis=0)   # [cols]
+                v_hat = jnp.outer(v_row, v_col) / v_row.mean()             # rank-1 estimate of g²
+                v = {"v_row": v_row, "v_col": v_col}
+            else:
+                v = {"v": b2_t * v["v"] + (1 - b2_t) * g2}
+                v_hat = v["v"]
+            u = g / jnp.sqrt(v_hat)
+            u = u / jnp.maximum(1.0, _rms(u) / clip)                        # clip the update's RMS
+            return -lr * jnp.maximum(_rms(p), 1e-3) * u, v                  # relative step size
+
+        g = _to_f32(grads)
+        out = jax.tree.map(leaf, g, state["v"], _to_f32(params))            # (update, v) per leaf
+        updates = jax.tree.map(lambda _, o: o[0], g, out)
+        v = jax.tree.map(lambda _, o: o[1], g, out)
+        return updates, {"v": v, "t": t}
+
+    return Optimizer(init, update)
+
+
+def apply_updates(params, updates):
+    """θ ← θ + Δθ, added in float32 and stored back in each parameter's own dtype."""
+    return jax.tree.map(lambda p, u: (p.astype(f32) + u).astype(p.dtype), params, updates)
+
+
+# -- β as a half-life in tokens (§2) ------------------------------------------------------------
+# One step consumes tokens_per_step = B·T tokens. An EMA with decay β forgets half of its memory
+# in t_half tokens when β ** (t_half / tokens_per_step) = 1/2. Holding t_half fixed while B
+# changes is the paper's scaling rule: β2 = 0.95 at B = 512 is β2 ≈ 0.9999 at B = 1.
+
+def beta_from_halflife(t_tokens, tokens_per_step):
+    return 0.5 ** (tokens_per_step / t_tokens)
+
+
+def halflife_from_beta(beta, tokens_per_step):
+    return 0.0 if beta == 0 else tokens_per_step * math.log(0.5) / math.log(beta)
+
+
+def lr_at(step, n_steps, peak_lr, warmup_frac):
+    """Linear warmup from 0 over the first warmup_frac of the steps, then cosine decay to 0 (§4).
+
+    Works on Python numbers and on traced arrays, so the train step computes it on device.
+    """
+    warmup = warmup_frac * n_steps                                   # in steps, may be fractional
+    ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0
+    progress = jnp.clip((step - warmup) / (n_steps - warmup), 0.0, 1.0)
+    return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))

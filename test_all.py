@@ -1,0 +1,408 @@
+"""Tests: each checks one property, against an independent reference (numpy, a hand computation).
+
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about a minute on a 2-core CPU
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import model
+import optim
+import train
+
+HERE = Path(__file__).resolve().parent
+SMALL = model.Config(V=97, D=32, L=2, H=2, T=16)  # a model small enough for a test to train
+
+
+def params_and_grads(n_steps=3, shapes=((6, 8), (3, 5))):
+    """Random float32 parameters and a sequence of gradients, as numpy dicts."""
+    rng = np.random.default_rng(0)
+    params = {f"w{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    grads = [{k: rng.normal(size=p.shape).astype(np.float32) for k, p in params.items()}
+             for _ in range(n_steps)]
+    return params, grads
+
+
+def run_optimizer(opt, params, grads, lrs):
+    """Apply opt for len(grads) steps; returns the final parameters as numpy arrays."""
+    params = jax.tree.map(jnp.asarray, params)
+    state = opt.init(params)
+    for g, lr in zip(grads, lrs):
+        updates, state = opt.update(jax.tree.map(jnp.asarray, g), state, params, lr)
+        params = optim.apply_updates(params, updates)
+    return jax.tree.map(np.asarray, params)
+
+
+# -- optimizers against numpy ------------------------------------------------------------------
+
+def test_sgd_matches_numpy():
+    """Vanilla SGD is θ ← θ − lr·g, step after step, with its own lr each step."""
+    params, grads = params_and_grads()
+    lrs = [0.1, 0.05, 0.02]
+    got = run_optimizer(optim.sgd(), params, grads, lrs)
+    for k, p in params.items():
+        want = p - sum(lr * g[k] for lr, g in zip(lrs, grads))
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_sgd_momentum_matches_numpy():
+    """SGD with momentum is the EMA form m ← βm + (1 − β)g, θ ← θ − lr·m (PAPER.md §8)."""
+    params, grads = params_and_grads()
+    beta, lr = 0.4, 0.1
+    got = run_optimizer(optim.sgd(momentum=beta), params, grads, [lr] * 3)
+    for k, p in params.items():
+        m, want = np.zeros_like(p), p.copy()
+        for g in grads:
+            m = beta * m + (1 - beta) * g[k]
+            want = want - lr * m
+        np.testing.assert_allclose(got[k], want, rtol=1e-6, atol=1e-6)
+
+
+def test_vanilla_sgd_keeps_no_state():
+    """SGD without momentum holds 0 bytes of optimizer state: the paper's memory argument."""
+    params, _ = params_and_grads()
+    assert jax.tree.leaves(optim.sgd().init(params)) == []
+    assert train.nbytes(optim.sgd().init(params)) == 0
+
+
+def test_adam_matches_numpy():
+    """Adam with bias correction and decoupled weight decay matches the AdamW equations."""
+    params, grads = params_and_grads()
+    b1, b2, eps, wd, lr = 0.9, 0.99, 1e-8, 0.1, 0.01
+    got = run_optimizer(optim.adam(b1=b1, b2=b2, eps=eps, weight_decay=wd), params, grads,
+                        [lr] * 3)
+    for k, p in params.items():
+        m, v, want = np.zeros_like(p), np.zeros_like(p), p.astype(np.float64)
+        for t, g in enumerate(grads, start=1):
+            m = b1 * m + (1 - b1) * g[k]
+            v = b2 * v + (1 - b2) * g[k] ** 2
+            m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+            want = want - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * want)
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decay_power", [None, 0.8])
+def test_adafactor_matches_numpy(decay_power):
+    """Adafactor, factored (6x8) and unfactored (3x5), with constant-β2 bias correction or the
+    official power schedule, matches Shazeer & Stern's equations written with row and column
+    *sums* (R, C, V̂ = R Cᵀ / 1ᵀR) and Adam-style correction, a different but equal form."""
+    params, grads = params_and_grads()
+    b2, clip, eps, lr = 0.9, 0.8, 1e-30, 0.1
+    opt = optim.adafactor(b2=b2, clip=clip, eps=eps, min_dim_to_factor=4, decay_power=decay_power)
+    got = run_optimizer(opt, params, grads, [lr] * 3)
+    for k, p in params.items():
+        factored = min(p.shape) >= 4
+        R, C, V, want = 0.0, 0.0, 0.0, p.astype(np.float64)
+        for t, g in enumerate(grads, start=1):
+            g2 = g[k].astype(np.float64) ** 2 + eps
+            if decay_power is None:     # an EMA with constant b2, then divided by 1 − b2^t
+                decay, correction = b2, 1 - b2 ** t
+            else:                       # β̂2_t = 1 − t^(−c); needs no correction (β̂2_1 = 0)
+                decay, correction = 1 - t ** -decay_power, 1.0
+            if factored:
+                R = decay * R + (1 - decay) * g2.sum(axis=1)
+                C = decay * C + (1 - decay) * g2.sum(axis=0)
+                v_hat = np.outer(R, C) / R.sum() / correction
+            else:
+                V = decay * V + (1 - decay) * g2
+                v_hat = V / correction
+            u = g[k] / np.sqrt(v_hat)
+            u = u / max(1.0, np.sqrt(np.mean(u ** 2)) / clip)
+            want = want - lr * max(np.sqrt(np.mean(want ** 2)), 1e-3) * u
+        np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6)
+
+
+def test_adafactor_state_is_factored():
+    """A 384x1536 matrix keeps 384 + 1536 second-moment numbers; a 64x384 one keeps all 24,576."""
+    state = optim.adafactor().init({"big": jnp.zeros((384, 1536)), "thin": jnp.zeros((64, 384))})
+    sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in state["v"].items()}
+    assert sizes == {"big": 384 + 1536, "thin": 64 * 384}
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["v"]))
+
+
+def test_optimizer_math_is_float32_for_bf16_params():
+    """Optimizer state and updates are float32 and params keep their own dtype (bf16 here)."""
+    params = {"w": jnp.ones((4, 4), jnp.bfloat16)}
+    grads = {"w": jnp.full((4, 4), 0.5, jnp.bfloat16)}
+    for opt in [optim.sgd(0.9), optim.adam(), optim.adafactor(min_dim_to_factor=2)]:
+        updates, state = opt.update(grads, opt.init(params), params, 1e-3)
+        assert {x.dtype for x in jax.tree.leaves((updates, state)) if x.ndim} == {np.dtype("float32")}
+        assert optim.apply_updates(params, updates)["w"].dtype == jnp.bfloat16
+
+
+# -- half-lives and the schedule ---------------------------------------------------------------
+
+def test_halflife_round_trip():
+    """beta_from_halflife and halflife_from_beta invert each other, and β^(t½/(B·T)) = 1/2."""
+    for beta, tokens_per_step in [(0.9, 128), (0.95, 524_288), (0.999_99, 1024)]:
+        t_half = optim.halflife_from_beta(beta, tokens_per_step)
+        assert math.isclose(beta ** (t_half / tokens_per_step), 0.5, rel_tol=1e-9)
+        assert math.isclose(optim.beta_from_halflife(t_half, tokens_per_step), beta, rel_tol=1e-12)
+
+
+def test_halflife_paper_example():
+    """β2 = 0.95 at 512 x 1024 tokens/step and 0.9999 at 1 x 1024 share a ≈7.1M-token half-life."""
+    t_large = optim.halflife_from_beta(0.95, 512 * 1024)
+    t_small = optim.halflife_from_beta(0.9999, 1 * 1024)
+    assert 7.0e6 < t_large < 7.2e6 and 7.0e6 < t_small < 7.2e6
+    assert abs(optim.beta_from_halflife(t_large, 1024) - 0.9999) < 1e-6
+
+
+def test_lr_schedule_endpoints():
+    """Warmup starts at 0 and reaches the peak at 5 % of the steps; cosine halves it midway
+    through the decay and ends at 0; with no warmup the first step already has the peak."""
+    lr = lambda step, warmup=0.05: float(optim.lr_at(step, 1000, 0.3, warmup))
+    assert lr(0) == 0.0
+    assert lr(25) == pytest.approx(0.15)
+    assert lr(50) == pytest.approx(0.3)
+    assert lr(525) == pytest.approx(0.15)
+    assert lr(1000) == pytest.approx(0.0, abs=1e-9)
+    assert lr(0, warmup=0.0) == pytest.approx(0.3)
+
+
+# -- model -------------------------------------------------------------------------------------
+
+def test_forward_shapes_finite_and_initial_loss_is_uniform():
+    """At init the tiny preset predicts a near-uniform distribution: loss ≈ ln V = 10.82 nats."""
+    cfg = model.PRESETS["tiny"]
+    params = model.init_params(jax.random.key(0), cfg)
+    assert all(p.ndim == 2 for p in params.values())       # every parameter is a matrix (§5)
+    x = jax.random.randint(jax.random.key(1), (2, cfg.T), 0, cfg.V)
+    logits = model.forward(params, x, cfg)
+    assert logits.shape == (2, cfg.T, cfg.V) and logits.dtype == jnp.float32
+    assert bool(jnp.isfinite(logits).all())
+    loss = float(model.loss_fn(params, x, jnp.roll(x, -1, axis=1), cfg))
+    assert abs(loss - math.log(cfg.V)) < 0.05
+
+
+def test_causality():
+    """Changing token t + 1 leaves the logits at positions <= t unchanged (and does change t + 1):
+    the mask lets position t attend only to positions <= t, so nothing later can leak back."""
+    params = model.init_params(jax.random.key(0), SMALL)
+    x = jax.random.randint(jax.random.key(1), (1, SMALL.T), 0, SMALL.V)
+    for t in [0, 7, SMALL.T - 2]:
+        x2 = x.at[0, t + 1].set((x[0, t + 1] + 1) % SMALL.V)
+        a, b = model.forward(params, x, SMALL), model.forward(params, x2, SMALL)
+        np.testing.assert_allclose(a[0, :t + 1], b[0, :t + 1], atol=1e-6)
+        assert not np.allclose(a[0, t + 1], b[0, t + 1], atol=1e-4)
+
+
+def test_rope_scores_depend_only_on_offset():
+    """With RoPE, the score between a query at i and a key at j depends only on i − j."""
+    q = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (8,)), (1, 12, 1, 8))
+    k = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (8,)), (1, 12, 1, 8))
+    s = np.asarray(jnp.einsum("bthk,bshk->ts", model.rope(q), model.rope(k)))   # [T, T]
+    np.testing.assert_allclose(s[1:, 1:], s[:-1, :-1], atol=1e-5)              # shift both
+    assert not np.allclose(s[0, 0], s[0, 5], atol=1e-3)                        # offset matters
+
+
+def test_30m_parameter_count():
+    """The 30m preset has the paper's 10.6M non-embedding and 2 x 19.3M embedding parameters:
+    6 blocks x 12·384² and 50,257 x 384 per embedding (counted from shapes, nothing allocated)."""
+    shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model.PRESETS["30m"]))
+    embed = {k: v.size for k, v in shapes.items() if k in ("embed", "unembed")}
+    non_embed = sum(v.size for k, v in shapes.items() if k not in embed)
+    assert non_embed == 6 * 12 * 384 ** 2 == 10_616_832
+    assert embed == {"embed": 50_257 * 384, "unembed": 50_257 * 384}
+    assert round(non_embed / 1e6, 1) == 10.6 and round(embed["embed"] / 1e6, 1) == 19.3
+
+
+def test_generate_samples_valid_tokens_reproducibly():
+    """generate returns n_new ids in [0, V), the same ones for the same key."""
+    params = model.init_params(jax.random.key(0), SMALL)
+    a = model.generate(params, SMALL, [1, 2, 3], 20, jax.random.key(5))   # runs past the window
+    assert len(a) == 20 and all(0 <= i < SMALL.V for i in a)
+    assert a == model.generate(params, SMALL, [1, 2, 3], 20, jax.random.key(5))
+
+
+# -- tokenizer and data ------------------------------------------------------------------------
+
+SAMPLES = ["Hello, world!", "First Citizen:\nBefore we proceed any further, hear me speak.",
+           "  indented\ttabs\n\n\nand    spaces ", "don't we'll they're I'd 1234567 3.14",
+           "naïve café, Grüße, 日本語, emoji 🙂", "<|endoftext|> is plain text here"]
+
+
+def test_tokenizer_matches_tiktoken(tmp_path, monkeypatch):
+    """Our offline GPT-2 ids equal tiktoken's own encoding of the same ranks (r50k_base, which
+    has gpt2's ranks and pattern), loaded from its cache so nothing is downloaded."""
+    import tiktoken
+    url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(data.RANKS_FILE.read_bytes())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    reference = tiktoken.get_encoding("r50k_base")
+    for text in SAMPLES:
+        assert data.encode(text) == reference.encode_ordinary(text)
+    assert data.tokenizer().n_vocab == 50_257
+
+
+def test_tokenizer_known_ids_and_round_trip():
+    """GPT-2's well-known ids ('Hello' 15496, ',' 11, ' world' 995, '!' 0) and exact round trips."""
+    assert data.encode("Hello, world!") == [15496, 11, 995, 0]
+    for text in SAMPLES:
+        assert data.decode(data.encode(text)) == text
+
+
+def test_token_file_is_reused_until_the_text_changes(tmp_path, monkeypatch):
+    """The .bin token file is written once, reused while the text is unchanged, remade after."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 10)
+    first = data.load_tokens(text)
+    assert len(list(tmp_path.glob("t.*.bin"))) == 1
+    with monkeypatch.context() as m:
+        m.setattr(data, "encode", lambda text: pytest.fail("tokenized an unchanged text"))
+        np.testing.assert_array_equal(data.load_tokens(text), first)
+    text.write_text("that is the question " * 10)
+    assert data.decode(data.load_tokens(text)) == "that is the question " * 10
+
+
+def positions(n=40_000):
+    """A token stream whose ids are their own positions, so a batch says where it came from."""
+    return np.arange(n, dtype=np.uint16)
+
+
+def test_batches_are_shifted_windows_of_the_training_split():
+    """x has shape [B, T], y is x shifted by one token, and every token comes from the train split
+    (positions below the validation split's start), never from the validation split."""
+    train_tokens, val = data.split(positions())
+    assert len(val) == data.MIN_VAL_TOKENS and len(train_tokens) + len(val) == 40_000
+    for step in range(30):
+        x, y = data.get_batch(train_tokens, step, batch=4, T=16, seed=0)
+        assert x.shape == y.shape == (4, 16)
+        np.testing.assert_array_equal(y, x + 1)
+        assert y.max() < len(train_tokens)
+
+
+def test_one_pass_before_any_window_repeats():
+    """Over one epoch every window of T + 1 tokens is seen exactly once; the next epoch reshuffles."""
+    train_tokens, _ = data.split(positions())
+    n = data.n_windows(train_tokens, T=16)
+    starts = [int(data.get_batch(train_tokens, s, batch=1, T=16, seed=0)[0][0, 0])
+              for s in range(2 * n)]
+    assert sorted(starts[:n]) == [w * 17 for w in range(n)]
+    assert sorted(starts[n:]) == sorted(starts[:n]) and starts[n:] != starts[:n]
+
+
+def test_same_seed_same_batches():
+    """The batch of a step depends only on (seed, step); another seed gives another order."""
+    train_tokens, _ = data.split(positions())
+    a = data.get_batch(train_tokens, 123, batch=8, T=16, seed=3)
+    np.testing.assert_array_equal(a, data.get_batch(train_tokens, 123, batch=8, T=16, seed=3))
+    assert not np.array_equal(a, data.get_batch(train_tokens, 123, batch=8, T=16, seed=4))
+
+
+def test_validation_split_predicts_every_token_once():
+    """Validation windows tile the split: inputs are consecutive tokens, targets the next ones."""
+    val = positions(1000)
+    x, y = data.val_batches(val, T=16)
+    assert x.shape == (62, 16)
+    np.testing.assert_array_equal(x.ravel(), np.arange(62 * 16))
+    np.testing.assert_array_equal(y, x + 1)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"), (b"", "is empty"), (b"caf\xe9 au lait\n" * 100, "not UTF-8"),
+    (b"too short\n" * 100, "too few")])
+def test_bad_data_file_is_one_sentence(tmp_path, content, message):
+    """A missing, empty, non-UTF-8 or too short file raises DataError with a clear reason."""
+    path = tmp_path / "bad.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.load(path, T=128, batch=1)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, opt, lr", [
+    ("sgd", optim.sgd(), 1.0), ("sgd+momentum", optim.sgd(0.9), 1.0), ("adam", optim.adam(), 1e-2),
+    ("adafactor", optim.adafactor(b2=0.99, min_dim_to_factor=32), 3e-2)])
+def test_each_optimizer_overfits_one_batch(name, opt, lr):
+    """Trained 100 steps on one fixed batch of random tokens, each optimizer memorizes it: the loss
+    falls from ln V = 4.57 to below 0.25 (all four reach 0.05 to 0.08 when calibrated)."""
+    params = model.init_params(jax.random.key(0), SMALL)
+    x = jax.random.randint(jax.random.key(1), (2, SMALL.T + 1), 0, SMALL.V)
+    loss_fn = lambda p: model.loss_fn(p, x[:, :-1], x[:, 1:], SMALL)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params, lr)
+        return optim.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for _ in range(100):
+        params, state = step(params, state)
+    assert float(loss_fn(params)) < 0.25
+
+
+def small_corpus(tmp_path, chars=150_000):
+    """The first 150k characters of the shipped corpus (about 45k tokens) in a fresh folder."""
+    path = tmp_path / "small.txt"
+    path.write_text(data.DEFAULT_TEXT.read_text()[:chars])
+    return path
+
+
+def test_main_end_to_end_writes_a_falling_log(tmp_path, capsys):
+    """A short run through main writes log.jsonl with finite, falling train and validation losses,
+    the parameters and the config; the final validation loss is the last evaluation event."""
+    out = tmp_path / "run"
+    train.main(["--opt", "adam", "--data", str(small_corpus(tmp_path)), "--tokens", "12k",
+                "--log-tokens", "3k", "--eval-tokens", "6k", "--sample", "8", "--out", str(out)])
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    trains = [e for e in events if "train_loss" in e]
+    evals = [e for e in events if "val_loss" in e]
+    assert all(set(e) >= {"step", "tokens", "train_loss", "lr", "tok_per_s"} for e in trains)
+    assert all(math.isfinite(e["train_loss"]) for e in trains) and len(trains) == 4
+    assert trains[-1]["train_loss"] < trains[0]["train_loss"] - 0.5
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == trains[-1]["step"] == 93
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["final_val_loss"] == evals[-1]["val_loss"]
+    saved = np.load(out / "params.npz")
+    assert saved["embed"].shape == (50_257, 64) and np.isfinite(saved["unembed"]).all()
+    assert "--- sample" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--opt", "rmsprop"], "--opt"),
+    (["--model", "huge"], "--model"),
+    (["--batch", "0"], "--batch must be a positive integer"),
+    (["--lr", "0"], "--lr must be a number > 0"),
+    (["--lr=-3e-4"], "--lr must be a number > 0"),
+    (["--opt", "adam", "--b2", "1.0"], "--b2 must be a number in [0, 1)"),
+    (["--opt", "adam", "--b1", "-0.1"], "--b1 must be a number in [0, 1)"),
+    (["--opt", "adam", "--b2", "0.99", "--t2", "1M"], "not allowed with argument --b2"),
+    (["--opt", "sgd", "--t2", "1M"], "do not apply to sgd"),
+    (["--opt", "adafactor", "--b1", "0.9"], "do not apply to adafactor"),
+    (["--tokens", "lots"], "expected a number of tokens"),
+    (["--tokens", "100"], "less than one optimizer step"),
+    (["--data", "no/such/file.txt"], "does not exist"),
+])
+def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
+    """Each mistake a user can make on the command line exits 2 with one line naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + ["--out", os.devnull + "/never-written"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_command_line_error_has_no_traceback():
+    """Run as a program, a bad flag prints one line on stderr and exits 2, with no traceback."""
+    result = subprocess.run([sys.executable, "train.py", "--batch", "-4"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: --batch must be a positive integer, got -4.\n"

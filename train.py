@@ -1,0 +1,280 @@
+"""Train the paper's GPT at any batch size, down to 1, with hand-written SGD, Adam or Adafactor.
+
+    python train.py --batch 1 --opt sgd          # the paper's headline: vanilla SGD at batch size 1
+    python train.py --batch 1 --opt adam         # Adam, β2 from a 10M-token half-life (PAPER.md §2)
+    python train.py --help                       # every flag, with its meaning and default
+
+The file reads in the order it runs: flags -> derived settings, printed -> data -> parameters and
+optimizer state -> one jitted train step -> the loop (log, evaluate) -> save and sample.
+Writes <out>/log.jsonl (one JSON object per event), <out>/params.npz and <out>/config.json.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import data
+import model
+import optim
+
+# Peak learning rate per optimizer, tuned at --batch 1 for the default model and corpus
+# (README, "Choosing the defaults"). The paper's values at GPT-2 scale are 0.2, 2.4e-3, 5e-3.
+DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "adafactor": 1e-2}
+DEFAULT_T2 = 10e6      # tokens: the second-moment half-life of the paper's sweeps (§2)
+DEFAULT_B1 = {"sgd": 0.0, "adam": 0.9}   # vanilla SGD has no momentum; Adam keeps β1 = 0.9 (§2)
+
+
+def die(message):
+    """A mistake the user can fix: one sentence on stderr, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own messages name the flag and the accepted values
+        die(message)
+
+
+def count(text):
+    """A count of tokens: 300000, 3e5, 300k, 10M or 1.5B."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(text[-1:].lower(), 1)
+    try:
+        return int(float(text[:-1] if scale != 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens like 300000, 3e5 or 10M, "
+                                         f"got {text!r}")
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step (B)")
+    p.add_argument("--opt", choices=["sgd", "adam", "adafactor"], default="sgd",
+                   help="optimizer; sgd at batch 1 keeps no state at all")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")
+    b1 = p.add_mutually_exclusive_group()
+    b1.add_argument("--b1", type=float, help="first-moment decay: Adam's β1 (default 0.9) or "
+                    "SGD's momentum (default 0); adafactor has no first moment")
+    b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
+    b2 = p.add_mutually_exclusive_group()
+    b2.add_argument("--b2", type=float, help="second-moment decay β2 of adam and adafactor")
+    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
+                    f"(default {DEFAULT_T2:.0e}: the paper's rule, β2 follows the batch size)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay (adam only; the paper uses 0 at small batch)")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
+    p.add_argument("--tokens", type=count, help="training budget in tokens (default: one pass "
+                   "over the training split)")
+    p.add_argument("--model", choices=list(model.PRESETS), default="tiny", help="model preset")
+    p.add_argument("--data", default=str(data.DEFAULT_TEXT), help="any UTF-8 text file")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initialization and the data order")
+    p.add_argument("--out", help="output folder (default out/<model>-<opt>-b<batch>)")
+    p.add_argument("--log-tokens", type=count, default=16_384, help="log every this many tokens")
+    p.add_argument("--eval-tokens", type=count, default=100_000,
+                   help="evaluate on the validation split every this many tokens (and at the end)")
+    p.add_argument("--sample", type=int, default=200, help="tokens to generate at the end")
+    args = p.parse_args(argv)
+
+    # Ranges argparse cannot check: one sentence each, naming the flag and what is accepted.
+    for flag, value, ok, accepted in [
+        ("--batch", args.batch, args.batch >= 1, "a positive integer"),
+        ("--lr", args.lr, args.lr is None or args.lr > 0, "a number > 0"),
+        ("--b1", args.b1, args.b1 is None or 0 <= args.b1 < 1, "a number in [0, 1)"),
+        ("--b2", args.b2, args.b2 is None or 0 <= args.b2 < 1, "a number in [0, 1)"),
+        ("--t1", args.t1, args.t1 is None or args.t1 > 0, "a number of tokens > 0"),
+        ("--t2", args.t2, args.t2 is None or args.t2 > 0, "a number of tokens > 0"),
+        ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a number >= 0"),
+        ("--warmup", args.warmup, 0 <= args.warmup < 1, "a fraction in [0, 1)"),
+        ("--tokens", args.tokens, args.tokens is None or args.tokens > 0, "a number of tokens > 0"),
+        ("--log-tokens", args.log_tokens, args.log_tokens > 0, "a number of tokens > 0"),
+        ("--eval-tokens", args.eval_tokens, args.eval_tokens > 0, "a number of tokens > 0"),
+        ("--sample", args.sample, args.sample >= 0, "a number of tokens >= 0"),
+    ]:
+        if not ok:
+            die(f"{flag} must be {accepted}, got {value}.")
+    if args.opt == "adafactor" and (args.b1 is not None or args.t1 is not None):
+        die("--b1/--t1 do not apply to adafactor, which keeps no first moment (§3).")
+    if args.opt == "sgd" and (args.b2 is not None or args.t2 is not None):
+        die("--b2/--t2 do not apply to sgd, which keeps no second moment.")
+    if args.opt != "adam" and args.weight_decay:
+        die(f"--weight-decay applies to adam only; the paper uses none with {args.opt}.")
+    return args
+
+
+def nbytes(tree):
+    """Bytes held by a pytree of arrays (or of shapes from jax.eval_shape)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def fmt_tokens(n):
+    """1234567 -> '1.235M': token counts as people say them."""
+    for scale, unit in [(1e9, "B"), (1e6, "M"), (1e3, "k")]:
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return f"{n:.4g}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = model.PRESETS[args.model]
+    tokens_per_step = args.batch * cfg.T
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}")
+    try:
+        train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
+    except data.DataError as e:
+        die(str(e))
+    budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
+    n_steps = budget // tokens_per_step
+    if n_steps < 1:
+        die(f"--tokens {budget:,} is less than one optimizer step of {tokens_per_step:,} tokens "
+            f"(--batch {args.batch} x T = {cfg.T}).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "log.jsonl").write_text("")
+    except OSError as e:
+        die(f"--out {out} cannot be written ({e.strerror}).")
+
+    # -- derived settings, printed once ------------------------------------------------------
+    lr = args.lr or DEFAULT_LR[args.opt]
+    halflife = lambda b: f"half-life {fmt_tokens(optim.halflife_from_beta(b, tokens_per_step))} tokens"
+    b1 = (optim.beta_from_halflife(args.t1, tokens_per_step) if args.t1
+          else args.b1 if args.b1 is not None else DEFAULT_B1.get(args.opt))
+    b2 = (optim.beta_from_halflife(args.t2 or DEFAULT_T2, tokens_per_step) if args.b2 is None
+          else args.b2)
+    opt, betas = {
+        "sgd": (lambda: optim.sgd(momentum=b1), f"momentum {b1:g} ({halflife(b1)})"),
+        "adam": (lambda: optim.adam(b1=b1, b2=b2, weight_decay=args.weight_decay),
+                 f"b1 {b1:.6g} ({halflife(b1)}), b2 {b2:.6g} ({halflife(b2)}), "
+                 f"weight decay {args.weight_decay:g}"),
+        "adafactor": (lambda: optim.adafactor(b2=b2), f"b2 {b2:.6g} ({halflife(b2)}), no first moment"),
+    }[args.opt]
+    opt = opt()
+    shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+    n_params = sum(x.size for x in jax.tree.leaves(shapes))
+    n_embed = shapes["embed"].size + shapes["unembed"].size
+    state_bytes = nbytes(jax.eval_shape(opt.init, shapes))
+    print(f"model      {args.model}: {cfg} -> {n_params:,} parameters "
+          f"({n_params - n_embed:,} non-embedding + 2 x {n_embed // 2:,} embedding)")
+    print(f"data       {args.data}: {len(train_tokens):,} training tokens "
+          f"({data.n_windows(train_tokens, cfg.T):,} windows of T + 1), "
+          f"{len(val_tokens):,} validation tokens")
+    print(f"optimizer  {args.opt}: peak lr {lr:g}, {betas}")
+    print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, {n_steps:,} steps, "
+          f"{n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
+          f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
+    print(f"memory     parameters {nbytes(shapes):,} bytes, optimizer state {state_bytes:,} bytes")
+    print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
+
+    # -- parameters, optimizer state, and the one jitted step --------------------------------
+    key = jax.random.key(args.seed)
+    params = model.init_params(jax.random.fold_in(key, 0), cfg)
+    opt_state = opt.init(params)
+
+    def train_step(params, opt_state, loss_sum, step, x, y):
+        loss, grads = jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
+        lr_now = optim.lr_at(step, n_steps, lr, args.warmup)
+        updates, opt_state = opt.update(grads, opt_state, params, lr_now)
+        # the loss is summed on device and read only at log time: no per-step host sync
+        return optim.apply_updates(params, updates), opt_state, loss_sum + loss
+
+    @jax.jit
+    def evaluate(params, x, y):  # mean loss over all validation windows, 8 windows at a time
+        return jax.lax.map(lambda xy: model.loss_fn(params, xy[0][None], xy[1][None], cfg),
+                           (x, y), batch_size=8).mean()
+
+    val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
+    batch = lambda step: data.get_batch(train_tokens, step, args.batch, cfg.T, args.seed)
+    loss_sum = jnp.zeros([], jnp.float32)
+    t0 = time.time()
+    # compiled ahead of time, once: fixed shapes and the step number as an array mean the step
+    # never recompiles; params, state and the loss sum are donated, so they are updated in place
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
+        params, opt_state, loss_sum, np.int32(0), *batch(0)).compile()
+    print(f"compiled the train step in {time.time() - t0:.1f} s")
+
+    log_file = open(out / "log.jsonl", "a")
+    def log(**event):
+        log_file.write(json.dumps(event) + "\n")
+        log_file.flush()
+
+    def run_eval(step):
+        val_loss = float(evaluate(params, val_x, val_y))
+        log(step=step, tokens=step * tokens_per_step, val_loss=val_loss)
+        print(f"step {step:>6,}/{n_steps:,} | validation loss {val_loss:.4f}")
+        return val_loss
+
+    # Ctrl-C lets the current step finish, then the loop stops and the parameters are saved;
+    # a second Ctrl-C aborts at once.
+    interrupted = []
+    def on_sigint(*_):
+        interrupted.append(True)
+        signal.signal(signal.SIGINT, previous_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    # -- the loop ----------------------------------------------------------------------------
+    val_loss = run_eval(0)
+    crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
+    t_start = t_window = time.time()
+    train_time, window_start = 0.0, 0          # seconds spent training; first step of the window
+    try:
+        for step in range(n_steps):
+            params, opt_state, loss_sum = step_fn(params, opt_state, loss_sum, np.int32(step),
+                                                  *batch(step))
+            done, tokens = step + 1, (step + 1) * tokens_per_step
+            last = done == n_steps or bool(interrupted)
+            if crossed(tokens, args.log_tokens) or last:
+                train_loss = float(loss_sum) / (done - window_start)  # host sync, once per log
+                dt = time.time() - t_window
+                train_time += dt
+                tok_per_s = (done - window_start) * tokens_per_step / dt
+                lr_now = float(optim.lr_at(step, n_steps, lr, args.warmup))
+                log(step=done, tokens=tokens, train_loss=train_loss, lr=lr_now,
+                    tok_per_s=tok_per_s, elapsed_s=time.time() - t_start)
+                print(f"step {done:>6,}/{n_steps:,} | tokens {fmt_tokens(tokens):>6} | "
+                      f"loss {train_loss:.4f} | lr {lr_now:.2e} | {tok_per_s:,.0f} tok/s | "
+                      f"eta {(n_steps - done) * train_time / done / 60:.1f} min")
+                loss_sum, window_start, t_window = jnp.zeros([], jnp.float32), done, time.time()
+            if crossed(tokens, args.eval_tokens) or last:
+                jax.block_until_ready(params)  # so the steps in flight count as training time
+                t_eval = time.time()
+                val_loss = run_eval(done)
+                t_window += time.time() - t_eval
+            if interrupted:
+                break
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        log_file.close()
+
+    # -- save and sample ---------------------------------------------------------------------
+    np.savez(out / "params.tmp.npz", **{k: np.asarray(v) for k, v in params.items()})
+    os.replace(out / "params.tmp.npz", out / "params.npz")
+    config = {"model": dataclasses.asdict(cfg), "args": vars(args), "lr": lr, "b1": b1,
+              "b2": None if args.opt == "sgd" else b2, "tokens_per_step": tokens_per_step,
+              "n_steps": n_steps, "steps_done": done, "final_val_loss": val_loss,
+              "train_time_s": time.time() - t_start,
+              "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                           "numpy": np.__version__}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(f"saved {out}/params.npz and {out}/config.json; "
+          f"final validation loss {val_loss:.4f} after {fmt_tokens(done * tokens_per_step)} tokens")
+    if interrupted:
+        print(f"interrupted at step {done:,} of {n_steps:,}", file=sys.stderr)
+        sys.exit(130)
+    if args.sample:
+        prompt = data.encode("\n")
+        ids = model.generate(params, cfg, prompt, args.sample, jax.random.fold_in(key, 1))
+        print(f"--- sample ({args.sample} tokens) ---\n{data.decode(ids)}")
+
+
+if __name__ == "__main__":
+    main()
