@@ -9,8 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import hashlib
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -406,3 +408,35 @@ def test_command_line_error_has_no_traceback():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == "error: --batch must be a positive integer, got -4.\n"
+
+
+def test_ctrl_c_saves_the_parameters(tmp_path):
+    """Ctrl-C (SIGINT) mid-run lets the step finish, saves parameters and config, exits 130."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(small_corpus(tmp_path)),
+                             "--log-tokens", "1k", "--sample", "0", "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "log.jsonl", time.time() + 120
+    while "train_loss" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.2)                                     # wait for the first training event
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted at step" in err and "Traceback" not in err
+    config = json.loads((out / "config.json").read_text())
+    assert 0 < config["steps_done"] < config["n_steps"]
+    assert np.isfinite(np.load(out / "params.npz")["embed"]).all()
+
+
+def test_readme_model_table_matches_the_presets():
+    """The README's table of presets gives each preset's true shape and parameter counts."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in (HERE / "README.md").read_text().splitlines() if line.startswith("| `")]
+    rows = {row[0].split("`")[1]: row[1:] for row in rows if len(row) == 8}
+    assert set(rows) == set(model.PRESETS)
+    for name, cfg in model.PRESETS.items():
+        shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+        embed = shapes["embed"].size
+        non_embed = sum(v.size for v in shapes.values()) - 2 * embed
+        want = [cfg.V, cfg.D, cfg.L, cfg.H, cfg.K, cfg.T]
+        assert [int(c.replace(",", "")) for c in rows[name][:6]] == want, name
+        assert rows[name][6] == f"{non_embed:,} + 2 × {embed:,}", name

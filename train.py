@@ -146,19 +146,20 @@ def main(argv=None):
 
     # -- derived settings, printed once ------------------------------------------------------
     lr = args.lr or DEFAULT_LR[args.opt]
-    halflife = lambda b: f"half-life {fmt_tokens(optim.halflife_from_beta(b, tokens_per_step))} tokens"
-    b1 = (optim.beta_from_halflife(args.t1, tokens_per_step) if args.t1
-          else args.b1 if args.b1 is not None else DEFAULT_B1.get(args.opt))
-    b2 = (optim.beta_from_halflife(args.t2 or DEFAULT_T2, tokens_per_step) if args.b2 is None
-          else args.b2)
-    opt, betas = {
-        "sgd": (lambda: optim.sgd(momentum=b1), f"momentum {b1:g} ({halflife(b1)})"),
-        "adam": (lambda: optim.adam(b1=b1, b2=b2, weight_decay=args.weight_decay),
-                 f"b1 {b1:.6g} ({halflife(b1)}), b2 {b2:.6g} ({halflife(b2)}), "
-                 f"weight decay {args.weight_decay:g}"),
-        "adafactor": (lambda: optim.adafactor(b2=b2), f"b2 {b2:.6g} ({halflife(b2)}), no first moment"),
-    }[args.opt]
-    opt = opt()
+    b1 = None if args.opt == "adafactor" else (  # adafactor keeps no first moment
+        optim.beta_from_halflife(args.t1, tokens_per_step) if args.t1 else
+        args.b1 if args.b1 is not None else DEFAULT_B1[args.opt])
+    b2 = None if args.opt == "sgd" else (        # sgd keeps no second moment
+        args.b2 if args.b2 is not None else
+        optim.beta_from_halflife(args.t2 or DEFAULT_T2, tokens_per_step))
+    opt = {"sgd": lambda: optim.sgd(momentum=b1),
+           "adam": lambda: optim.adam(b1=b1, b2=b2, weight_decay=args.weight_decay),
+           "adafactor": lambda: optim.adafactor(b2=b2)}[args.opt]()
+    betas = "".join(
+        f", {name} {beta:.6g} (half-life "
+        f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
+        for name, beta in [("momentum" if args.opt == "sgd" else "b1", b1), ("b2", b2)]
+        if beta is not None)
     shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     n_embed = shapes["embed"].size + shapes["unembed"].size
@@ -168,7 +169,7 @@ def main(argv=None):
     print(f"data       {args.data}: {len(train_tokens):,} training tokens "
           f"({data.n_windows(train_tokens, cfg.T):,} windows of T + 1), "
           f"{len(val_tokens):,} validation tokens")
-    print(f"optimizer  {args.opt}: peak lr {lr:g}, {betas}")
+    print(f"optimizer  {args.opt}: peak lr {lr:g}{betas}, weight decay {args.weight_decay:g}")
     print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, {n_steps:,} steps, "
           f"{n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
@@ -259,7 +260,7 @@ def main(argv=None):
     np.savez(out / "params.tmp.npz", **{k: np.asarray(v) for k, v in params.items()})
     os.replace(out / "params.tmp.npz", out / "params.npz")
     config = {"model": dataclasses.asdict(cfg), "args": vars(args), "lr": lr, "b1": b1,
-              "b2": None if args.opt == "sgd" else b2, "tokens_per_step": tokens_per_step,
+              "b2": b2, "tokens_per_step": tokens_per_step,
               "n_steps": n_steps, "steps_done": done, "final_val_loss": val_loss,
               "train_time_s": time.time() - t_start,
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
