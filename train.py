@@ -56,12 +56,12 @@ def count(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step (B)")
+    p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).")
+    p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step, B (default %(default)s)")
     p.add_argument("--opt", choices=["sgd", "adam", "adafactor"], default="sgd",
-                   help="optimizer; sgd at batch 1 keeps no state at all")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default per optimizer: {DEFAULT_LR})")
+                   help="optimizer (default %(default)s: at batch 1 it keeps no state at all)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default per optimizer: "
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     b1 = p.add_mutually_exclusive_group()
     b1.add_argument("--b1", type=float, help="first-moment decay: Adam's β1 (default 0.9) or "
                     "SGD's momentum (default 0); adafactor has no first moment")
@@ -69,20 +69,21 @@ def parse_args(argv=None):
     b2 = p.add_mutually_exclusive_group()
     b2.add_argument("--b2", type=float, help="second-moment decay β2 of adam and adafactor")
     b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
-                    f"(default {DEFAULT_T2:.0e}: the paper's rule, β2 follows the batch size)")
+                    f"(default {DEFAULT_T2:,.0f}, the paper's: β2 then follows the batch size)")
     p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="decoupled weight decay (adam only; the paper uses 0 at small batch)")
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
+                   help="decoupled weight decay, adam only (default %(default)s, as the paper at small batch)")
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent in linear warmup (default %(default)s)")
     p.add_argument("--tokens", type=count, help="training budget in tokens (default: one pass "
                    "over the training split)")
-    p.add_argument("--model", choices=list(model.PRESETS), default="tiny", help="model preset")
-    p.add_argument("--data", default=str(data.DEFAULT_TEXT), help="any UTF-8 text file")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initialization and the data order")
+    p.add_argument("--model", choices=list(model.PRESETS), default="tiny", help="model preset (default %(default)s)")
+    p.add_argument("--data", default=str(data.DEFAULT_TEXT), help="any UTF-8 text file (default: the shipped Shakespeare)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initialization and the data order (default %(default)s)")
     p.add_argument("--out", help="output folder (default out/<model>-<opt>-b<batch>)")
-    p.add_argument("--log-tokens", type=count, default=16_384, help="log every this many tokens")
+    p.add_argument("--log-tokens", type=count, default=16_384, help="log every this many tokens (default %(default)s)")
     p.add_argument("--eval-tokens", type=count, default=100_000,
-                   help="evaluate on the validation split every this many tokens (and at the end)")
-    p.add_argument("--sample", type=int, default=200, help="tokens to generate at the end")
+                   help="evaluate on the validation split every this many tokens and at the "
+                   "end (default %(default)s)")
+    p.add_argument("--sample", type=int, default=200, help="tokens to sample from the model at the end (default %(default)s)")
     args = p.parse_args(argv)
 
     # Ranges argparse cannot check: one sentence each, naming the flag and what is accepted.
@@ -164,6 +165,10 @@ def main(argv=None):
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     n_embed = shapes["embed"].size + shapes["unembed"].size
     state_bytes = nbytes(jax.eval_shape(opt.init, shapes))
+    args.lr, args.tokens, args.out = lr, n_steps * tokens_per_step, str(out)   # as resolved
+    print("command    python train.py " + " ".join(
+        f"--{flag.replace('_', '-')} {value}" for flag, value in vars(args).items()
+        if value is not None))
     print(f"model      {args.model}: {cfg} -> {n_params:,} parameters "
           f"({n_params - n_embed:,} non-embedding + 2 x {n_embed // 2:,} embedding)")
     print(f"data       {args.data}: {len(train_tokens):,} training tokens "
