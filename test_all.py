@@ -375,7 +375,23 @@ def test_main_end_to_end_writes_a_falling_log(tmp_path, capsys):
     assert config["final_val_loss"] == evals[-1]["val_loss"]
     saved = np.load(out / "params.npz")
     assert saved["embed"].shape == (50_257, 64) and np.isfinite(saved["unembed"]).all()
-    assert "--- sample" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"b2 {0.5 ** (128 / 10e6):.6g} (half-life 10M tokens)" in printed   # t2 = 10M at B·T = 128
+    assert "--- sample" in printed
+
+
+def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
+    """The start-up report of the headline run (batch 1, sgd) says it holds 0 bytes of state."""
+    train.main(["--opt", "sgd", "--batch", "1", "--data", str(small_corpus(tmp_path)),
+                "--tokens", "128", "--sample", "0", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "optimizer state 0 bytes" in printed and "1 steps" in printed
+
+
+def test_token_counts_read_like_people_write_them():
+    """--tokens, --t2 and friends accept 300000, 3e5, 300k, 10M and 1.5B."""
+    assert [train.count(s) for s in ["300000", "3e5", "300k", "10M", "1.5B"]] == [
+        300_000, 300_000, 300_000, 10_000_000, 1_500_000_000]
 
 
 @pytest.mark.parametrize("argv, message", [
