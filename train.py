@@ -264,10 +264,9 @@ def main(argv=None):
     # -- save and sample ---------------------------------------------------------------------
     np.savez(out / "params.tmp.npz", **{k: np.asarray(v) for k, v in params.items()})
     os.replace(out / "params.tmp.npz", out / "params.npz")
-    config = {"model": dataclasses.asdict(cfg), "args": vars(args), "lr": lr, "b1": b1,
-              "b2": b2, "tokens_per_step": tokens_per_step,
-              "n_steps": n_steps, "steps_done": done, "final_val_loss": val_loss,
-              "train_time_s": time.time() - t_start,
+    config = {"model": dataclasses.asdict(cfg), "args": vars(args), "b1": b1, "b2": b2,
+              "tokens_per_step": tokens_per_step, "n_steps": n_steps, "steps_done": done,
+              "final_val_loss": val_loss, "elapsed_s": time.time() - t_start,
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
                            "numpy": np.__version__}}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -283,4 +282,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before the loop started, or a second one inside it
+        print("interrupted; nothing was saved", file=sys.stderr)
+        sys.exit(130)
