@@ -29,7 +29,7 @@ import optim
 
 # Peak learning rate per optimizer, tuned at --batch 1 for the default model and corpus
 # (README, "Choosing the defaults"). The paper's values at GPT-2 scale are 0.2, 2.4e-3, 5e-3.
-DEFAULT_LR = {"sgd": 0.5, "adam": 3e-3, "adafactor": 1e-2}
+DEFAULT_LR = {"sgd": 0.7, "adam": 5e-3, "adafactor": 5e-2}
 DEFAULT_T2 = 10e6      # tokens: the second-moment half-life of the paper's sweeps (§2)
 DEFAULT_B1 = {"sgd": 0.0, "adam": 0.9}   # vanilla SGD has no momentum; Adam keeps β1 = 0.9 (§2)
 
