@@ -7,7 +7,7 @@
 
 Decoder-only and pre-norm: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)), final RMSNorm.
 RMSNorm has no scale, there are no biases and the embeddings are untied, so every parameter
-is a 2-D matrix: optim.py can treat all leaves alike (and Adafactor can factor any of them).
+is a 2-D matrix: optim.py treats all leaves alike (Adafactor factors those with both sides >= 128).
 
 Notation, used in names and in the shape comments at line ends:
     B  batch size (sequences)        T  sequence length (tokens)
@@ -55,7 +55,11 @@ BLOCK = {"wq": ("D", "D"), "wk": ("D", "D"), "wv": ("D", "D"), "wo": ("D", "D"),
 
 
 def init_params(key, cfg):
-    """Xavier-uniform kernels and N(0, 1/D) embeddings (§5), as {name: float32 [rows, cols]}."""
+    """Xavier-uniform kernels and N(0, 1/D) embeddings, input and output (§5).
+
+    Returns {name: float32 [rows, cols]}. Xavier is taken over each 2-D matrix; the official code
+    applies it to per-head einsum kernels, whose fan-in and fan-out count differently.
+    """
     def xavier(key, shape):
         bound = math.sqrt(6 / (shape[0] + shape[1]))
         return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
@@ -66,7 +70,7 @@ def init_params(key, cfg):
         for name, (rows, cols) in BLOCK.items():
             shape = (getattr(cfg, rows), getattr(cfg, cols))
             params[f"blocks.{l}.{name}"] = xavier(next(keys), shape)
-    params["unembed"] = xavier(next(keys), (cfg.D, cfg.V))
+    params["unembed"] = jax.random.normal(next(keys), (cfg.D, cfg.V)) / math.sqrt(cfg.D)
     return params
 
 
