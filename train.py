@@ -50,18 +50,19 @@ def count(text):
     scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(text[-1:].lower(), 1)
     try:
         return int(float(text[:-1] if scale != 1 else text) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or nan / inf
         raise argparse.ArgumentTypeError(f"expected a number of tokens like 300000, 3e5 or 10M, "
                                          f"got {text!r}")
 
 
 def parse_args(argv=None):
     p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).")
-    p.add_argument("--batch", type=int, default=1, help="sequences per optimizer step, B (default %(default)s)")
-    p.add_argument("--opt", choices=["sgd", "adam", "adafactor"], default="sgd",
-                   help="optimizer (default %(default)s: at batch 1 it keeps no state at all)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default per optimizer: "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    add = p.add_argument
+    add("--batch", type=int, default=1, help="sequences per optimizer step, B (default 1)")
+    add("--opt", choices=["sgd", "adam", "adafactor"], default="sgd",
+        help="optimizer (default sgd, which without momentum keeps no state at all)")
+    add("--lr", type=float, help="peak learning rate (default per optimizer: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     b1 = p.add_mutually_exclusive_group()
     b1.add_argument("--b1", type=float, help="first-moment decay: Adam's β1 (default 0.9) or "
                     "SGD's momentum (default 0); adafactor has no first moment")
@@ -70,35 +71,38 @@ def parse_args(argv=None):
     b2.add_argument("--b2", type=float, help="second-moment decay β2 of adam and adafactor")
     b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
                     f"(default {DEFAULT_T2:,.0f}, the paper's: β2 then follows the batch size)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="decoupled weight decay, adam only (default %(default)s, as the paper at small batch)")
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps spent in linear warmup (default %(default)s)")
-    p.add_argument("--tokens", type=count, help="training budget in tokens (default: one pass "
-                   "over the training split)")
-    p.add_argument("--model", choices=list(model.PRESETS), default="tiny", help="model preset (default %(default)s)")
-    p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="any UTF-8 text file (default: the shipped Shakespeare)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the initialization and the data order (default %(default)s)")
-    p.add_argument("--out", help="output folder (default out/<model>-<opt>-b<batch>)")
-    p.add_argument("--log-tokens", type=count, default=16_384, help="log every this many tokens (default %(default)s)")
-    p.add_argument("--eval-tokens", type=count, default=100_000,
-                   help="evaluate on the validation split every this many tokens and at the "
-                   "end (default %(default)s)")
-    p.add_argument("--sample", type=int, default=200, help="tokens to sample from the model at the end (default %(default)s)")
+    add("--weight-decay", type=float, default=0.0,
+        help="decoupled weight decay, adam only (default 0, as the paper at small batch)")
+    add("--warmup", type=float, default=0.05,
+        help="fraction of the steps spent in linear warmup (default 0.05)")
+    add("--tokens", type=count, help="training budget in tokens (default: one pass over the "
+        "training split)")
+    add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (default tiny)")
+    add("--data", default=os.path.relpath(data.DEFAULT_TEXT),
+        help="any UTF-8 text file (default: the shipped Shakespeare)")
+    add("--seed", type=int, default=0, help="seeds the initialization and the data order (default 0)")
+    add("--out", help="output folder (default out/<model>-<opt>-b<batch>)")
+    add("--log-tokens", type=count, default=16_384, help="log every this many tokens (default 16384)")
+    add("--eval-tokens", type=count, default=100_000,
+        help="evaluate on the validation split every this many tokens and at the end "
+        "(default 100000)")
+    add("--sample", type=int, default=200, help="tokens to sample at the end (default 200)")
     args = p.parse_args(argv)
 
     # Ranges argparse cannot check: one sentence each, naming the flag and what is accepted.
     for flag, value, ok, accepted in [
         ("--batch", args.batch, args.batch >= 1, "a positive integer"),
-        ("--lr", args.lr, args.lr is None or args.lr > 0, "a number > 0"),
+        ("--lr", args.lr, args.lr is None or 0 < args.lr < math.inf, "a finite number > 0"),
         ("--b1", args.b1, args.b1 is None or 0 <= args.b1 < 1, "a number in [0, 1)"),
         ("--b2", args.b2, args.b2 is None or 0 <= args.b2 < 1, "a number in [0, 1)"),
         ("--t1", args.t1, args.t1 is None or args.t1 > 0, "a number of tokens > 0"),
         ("--t2", args.t2, args.t2 is None or args.t2 > 0, "a number of tokens > 0"),
-        ("--weight-decay", args.weight_decay, args.weight_decay >= 0, "a number >= 0"),
+        ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf,
+         "a finite number >= 0"),
         ("--warmup", args.warmup, 0 <= args.warmup < 1, "a fraction in [0, 1)"),
         ("--tokens", args.tokens, args.tokens is None or args.tokens > 0, "a number of tokens > 0"),
+        ("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
         ("--log-tokens", args.log_tokens, args.log_tokens > 0, "a number of tokens > 0"),
-        ("--eval-tokens", args.eval_tokens, args.eval_tokens > 0, "a number of tokens > 0"),
         ("--sample", args.sample, args.sample >= 0, "a number of tokens >= 0"),
     ]:
         if not ok:
@@ -147,20 +151,22 @@ def main(argv=None):
 
     # -- derived settings, printed once ------------------------------------------------------
     lr = args.lr or DEFAULT_LR[args.opt]
-    b1 = None if args.opt == "adafactor" else (  # adafactor keeps no first moment
-        optim.beta_from_halflife(args.t1, tokens_per_step) if args.t1 else
-        args.b1 if args.b1 is not None else DEFAULT_B1[args.opt])
-    b2 = None if args.opt == "sgd" else (        # sgd keeps no second moment
-        args.b2 if args.b2 is not None else
-        optim.beta_from_halflife(args.t2 or DEFAULT_T2, tokens_per_step))
+    b1 = b2 = None                         # adafactor keeps no first moment, sgd no second
+    if args.opt != "adafactor":
+        b1 = args.b1 if args.b1 is not None else DEFAULT_B1[args.opt]
+        if args.t1:
+            b1 = optim.beta_from_halflife(args.t1, tokens_per_step)
+    if args.opt != "sgd":                  # β2 from its half-life in tokens unless given (§2)
+        b2 = args.b2 if args.b2 is not None else optim.beta_from_halflife(
+            args.t2 or DEFAULT_T2, tokens_per_step)
     opt = {"sgd": lambda: optim.sgd(momentum=b1),
            "adam": lambda: optim.adam(b1=b1, b2=b2, weight_decay=args.weight_decay),
            "adafactor": lambda: optim.adafactor(b2=b2)}[args.opt]()
-    betas = "".join(
+    betas = "".join(  # each β with its half-life in tokens, e.g. ", b2 0.999991 (half-life 10M)"
         f", {name} {beta:.6g} (half-life "
         f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
         for name, beta in [("momentum" if args.opt == "sgd" else "b1", b1), ("b2", b2)]
-        if beta is not None)
+        if beta) or ", no momentum"        # β = 0 is no EMA at all: vanilla SGD
     shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     n_embed = shapes["embed"].size + shapes["unembed"].size
@@ -195,8 +201,8 @@ def main(argv=None):
 
     @jax.jit
     def evaluate(params, x, y):
-        # mean loss over all validation windows, one window at a time: on a CPU the [T, V]
-        # logits of one window stay in cache, and 8 at a time measured 2x slower
+        # mean loss over all validation windows, one window at a time (8 at a time measured
+        # 2x slower on a 2-core CPU: the [8, T, V] logits make logsumexp memory-bound)
         return jax.lax.map(lambda xy: model.loss_fn(params, xy[0][None], xy[1][None], cfg),
                            (x, y)).mean()
 
@@ -231,6 +237,7 @@ def main(argv=None):
 
     # -- the loop ----------------------------------------------------------------------------
     val_loss = run_eval(0)
+    # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
     crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
     t_start = t_window = time.time()
     train_time, window_start = 0.0, 0          # seconds spent training; first step of the window
@@ -252,7 +259,7 @@ def main(argv=None):
                       f"loss {train_loss:.4f} | lr {lr_now:.2e} | {tok_per_s:,.0f} tok/s | "
                       f"eta {(n_steps - done) * train_time / done / 60:.1f} min")
                 loss_sum, window_start, t_window = jnp.zeros([], jnp.float32), done, time.time()
-            if crossed(tokens, args.eval_tokens) or last:
+            if (crossed(tokens, args.eval_tokens) or last) and not interrupted:
                 jax.block_until_ready(params)  # so the steps in flight count as training time
                 t_eval = time.time()
                 val_loss = run_eval(done)
@@ -272,11 +279,12 @@ def main(argv=None):
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
                            "numpy": np.__version__}}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print(f"saved {out}/params.npz and {out}/config.json; "
-          f"final validation loss {val_loss:.4f} after {fmt_tokens(done * tokens_per_step)} tokens")
+    print(f"saved {out}/params.npz and {out}/config.json")
     if interrupted:
-        print(f"interrupted at step {done:,} of {n_steps:,}", file=sys.stderr)
+        print(f"interrupted at step {done:,} of {n_steps:,}; the last validation loss was "
+              f"{val_loss:.4f}", file=sys.stderr)
         sys.exit(130)
+    print(f"final validation loss {val_loss:.4f} after {fmt_tokens(done * tokens_per_step)} tokens")
     if args.sample:
         prompt = data.encode("\n")
         ids = model.generate(params, cfg, prompt, args.sample, jax.random.fold_in(key, 1))
