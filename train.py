@@ -166,7 +166,7 @@ def main(argv=None):
         f", {name} {beta:.6g} (half-life "
         f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
         for name, beta in [("momentum" if args.opt == "sgd" else "b1", b1), ("b2", b2)]
-        if beta) or ", no momentum"        # β = 0 is no EMA at all: vanilla SGD
+        if beta) or (", no momentum" if args.opt == "sgd" else "")   # β = 0: no EMA at all
     shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     n_embed = shapes["embed"].size + shapes["unembed"].size
