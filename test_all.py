@@ -145,6 +145,104 @@ def test_optimizer_math_is_float32_for_bf16_params():
         assert optim.apply_updates(params, updates)["w"].dtype == jnp.bfloat16
 
 
+# -- bf16 weights and stochastic rounding (§7) --------------------------------------------------
+
+def bf16_neighbours(x):
+    """The bf16 values just below and just above |x| (same sign), by numpy bit arithmetic."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    down = (bits & 0xFFFF0000).view(np.float32)                 # truncated toward zero
+    up = ((bits & 0xFFFF0000) + 0x10000).astype(np.uint32).view(np.float32)   # one bf16 step out
+    return down, up
+
+
+def test_stochastic_rounding_is_unbiased_under_jit():
+    """Under jit, each rounding is one of the two bf16 neighbours and the mean of 4,096 roundings
+    is the float32 value to within 5 standard errors (the spread of one rounding is < 1 step)."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=64) * 10.0 ** rng.integers(-4, 3, size=64)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(0), 4096)
+    rounded = jax.jit(jax.vmap(optim.stochastic_round_bf16, (0, None)))(keys, x)
+    assert rounded.dtype == jnp.bfloat16
+    r = np.asarray(rounded.astype(jnp.float32))                  # [4096, 64]
+    down, up = bf16_neighbours(x)
+    assert np.all((r == down) | (r == up))
+    step = np.abs(up - down)
+    assert np.all(np.abs(r.mean(0) - x) < 5 * step / 2 / np.sqrt(4096))
+    # and it is not round-to-nearest in disguise: a value 5 % to 95 % of the way from one
+    # neighbour to the other takes both of them (missing one in 4,096 tries: p < 0.95^4096)
+    between = (np.abs(x - down) > 0.05 * step) & (np.abs(x - down) < 0.95 * step)
+    assert between.sum() > 50
+    assert np.all((r[:, between] == down[between]).any(0) & (r[:, between] == up[between]).any(0))
+
+
+def test_stochastic_rounding_keeps_bf16_values():
+    """A float32 value that bf16 represents exactly (here 1.0, -3.5, 2^-20, 0) is never moved."""
+    x = jnp.array([1.0, -3.5, 2.0 ** -20, 0.0], jnp.float32)
+    for i in range(20):
+        assert (optim.stochastic_round_bf16(jax.random.key(i), x).astype(jnp.float32) == x).all()
+
+
+def test_nearest_rounding_stalls_and_stochastic_rounding_does_not():
+    """1,000 updates of +1e-4 to bf16 weights of 1.0: nearest rounding leaves them at exactly 1.0
+    (the bf16 step at 1.0 is 2^-7 = 0.0078, so +1e-4 rounds away); stochastic rounding moves them
+    by 1,000 x 1e-4 = 0.1 on average (1,024 weights: standard error about 0.001)."""
+    def run(rounding):
+        def body(i, w):
+            return optim.apply_updates(w, {"w": jnp.full(1024, 1e-4)},
+                                       jax.random.fold_in(jax.random.key(0), i), rounding)
+        return jax.jit(lambda w: jax.lax.fori_loop(0, 1000, body, w))(
+            {"w": jnp.ones(1024, jnp.bfloat16)})["w"]
+    assert (run("nearest") == 1.0).all()
+    assert abs(float(run("stochastic").astype(jnp.float32).mean()) - 1.1) < 0.005
+
+
+def test_each_leaf_and_step_draws_fresh_noise():
+    """Two equal leaves round differently, so do two steps; the same key rounds the same."""
+    params = {"a": jnp.ones(4096, jnp.bfloat16), "b": jnp.ones(4096, jnp.bfloat16)}
+    updates = {"a": jnp.full(4096, 2.0 ** -8), "b": jnp.full(4096, 2.0 ** -8)}  # half a bf16 step
+    key = jax.random.key(0)
+    step = jax.jit(lambda i: optim.apply_updates(params, updates, jax.random.fold_in(key, i),
+                                                 "stochastic"))
+    s0, s1, again = step(0), step(1), step(0)
+    assert not (s0["a"] == s0["b"]).all()
+    assert not (s0["a"] == s1["a"]).all()
+    assert all((s0[k] == again[k]).all() for k in s0)
+
+
+def test_bf16_parameters_save_and_load_exactly(tmp_path):
+    """bf16 arrays survive save_arrays/load_arrays bit for bit and keep their dtype (np.savez
+    alone would load them back as opaque 2-byte void items)."""
+    w = jax.random.normal(jax.random.key(0), (3, 5)).astype(jnp.bfloat16)
+    arrays = {"w": w, "v": np.arange(4, dtype=np.float32)}
+    train.save_arrays(tmp_path / "p.npz", arrays)
+    loaded = train.load_arrays(tmp_path / "p.npz")
+    assert loaded["w"].dtype == jnp.bfloat16 and loaded["v"].dtype == np.float32
+    assert (loaded["w"].view(np.uint16) == np.asarray(w).view(np.uint16)).all()
+    assert (loaded["v"] == arrays["v"]).all()
+
+
+def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys):
+    """A short bf16 run with stochastic rounding (the default for bf16) reports 2 bytes per
+    parameter and 0 bytes of SGD state, has finite falling losses, saves bf16 parameters, and a
+    second run with the same seed logs the same losses bit for bit."""
+    corpus, logs = small_corpus(tmp_path), []
+    for run in ["a", "b"]:
+        train.main(["--param-dtype", "bfloat16", "--data", str(corpus), "--tokens", "6k",
+                    "--log-tokens", "1k", "--eval-tokens", "6k", "--sample", "0",
+                    "--out", str(tmp_path / run)])
+        logs.append([json.loads(line) for line in (tmp_path / run / "log.jsonl").open()])
+    n_params = sum(p.size for p in jax.eval_shape(
+        lambda: model.init_params(jax.random.key(0), model.PRESETS["tiny"])).values())
+    printed = capsys.readouterr().out
+    assert f"parameters {2 * n_params:,} bytes (bfloat16, 2 bytes each, rounded stochastic), " \
+           "optimizer state 0 bytes" in printed
+    losses = [[e.get("train_loss", e.get("val_loss")) for e in log] for log in logs]
+    assert losses[0] == losses[1] and all(math.isfinite(v) for v in losses[0])
+    trains = [e["train_loss"] for e in logs[0] if "train_loss" in e]
+    assert trains[-1] < trains[0] - 1.0
+    assert train.load_arrays(tmp_path / "a" / "params.npz")["embed"].dtype == jnp.bfloat16
+
+
 # -- half-lives and the schedule ---------------------------------------------------------------
 
 def test_halflife_round_trip():
@@ -419,6 +517,8 @@ def test_token_counts_read_like_people_write_them():
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--seed", "-1"], "--seed must be an integer >= 0"),
     (["--opt", "sgd", "--weight-decay", "0.1"], "--weight-decay applies to adam only"),
+    (["--rounding", "stochastic"], "--rounding applies to --param-dtype bfloat16 only"),
+    (["--param-dtype", "float16"], "--param-dtype"),
     (["--tokens", "1k", "--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):

@@ -71,6 +71,10 @@ def parse_args(argv=None):
     b2.add_argument("--b2", type=float, help="second-moment decay β2 of adam and adafactor")
     b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
                     f"(default {DEFAULT_T2:,.0f}, the paper's: β2 then follows the batch size)")
+    add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+        help="dtype the parameters are stored in; optimizer state and math stay float32 (§7)")
+    add("--rounding", choices=["nearest", "stochastic"],
+        help="how bfloat16 parameters are rounded after each update (default stochastic, §7)")
     add("--weight-decay", type=float, default=0.0,
         help="decoupled weight decay, adam only (default 0, as the paper at small batch)")
     add("--warmup", type=float, default=0.05,
@@ -111,6 +115,11 @@ def parse_args(argv=None):
         die("--b1/--t1 do not apply to adafactor, which keeps no first moment (§3).")
     if args.opt == "sgd" and (args.b2 is not None or args.t2 is not None):
         die("--b2/--t2 do not apply to sgd, which keeps no second moment.")
+    if args.param_dtype == "float32" and args.rounding:
+        die("--rounding applies to --param-dtype bfloat16 only; float32 parameters store the "
+            "float32 sum exactly.")
+    if args.param_dtype == "bfloat16" and not args.rounding:
+        args.rounding = "stochastic"       # the paper's recipe: nearest rounding stalls (§7)
     if args.opt != "adam" and args.weight_decay:
         die(f"--weight-decay applies to adam only; the paper uses none with {args.opt}.")
     return args
@@ -129,11 +138,43 @@ def fmt_tokens(n):
     return f"{n:.4g}"
 
 
+def cast(params, dtype):
+    return {name: p.astype(dtype) for name, p in params.items()}
+
+
+# np.savez writes a bfloat16 array (numpy knows it only through ml_dtypes) as opaque 2-byte
+# "void" items that load back unusable, so bf16 arrays are stored as their uint16 bit patterns
+# under "<name>:bfloat16" and viewed back on loading: the round trip is exact.
+BF16_SUFFIX = ":bfloat16"
+
+
+def save_arrays(path, arrays):
+    """Save a dict of arrays to an .npz atomically (temporary file, then rename)."""
+    stored = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype == jnp.bfloat16:
+            name, a = name + BF16_SUFFIX, a.view(np.uint16)
+        stored[name] = a
+    tmp = path.with_name(path.stem + ".tmp.npz")    # savez would append .npz to another suffix
+    np.savez(tmp, **stored)
+    os.replace(tmp, path)
+
+
+def load_arrays(path):
+    """The dict that save_arrays saved, every array in its original dtype."""
+    with np.load(path) as f:
+        return {name.removesuffix(BF16_SUFFIX): f[name].view(jnp.bfloat16)
+                if name.endswith(BF16_SUFFIX) else f[name] for name in f.files}
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
-    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}")
+    dtype = jnp.dtype(args.param_dtype)
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}"
+               + (f"-bf16-{args.rounding}" if args.rounding else ""))
     try:
         train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
     except data.DataError as e:
@@ -167,7 +208,7 @@ def main(argv=None):
         f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
         for name, beta in [("momentum" if args.opt == "sgd" else "b1", b1), ("b2", b2)]
         if beta) or (", no momentum" if args.opt == "sgd" else "")   # β = 0: no EMA at all
-    shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+    shapes = jax.eval_shape(lambda: cast(model.init_params(jax.random.key(0), cfg), dtype))
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     n_embed = shapes["embed"].size + shapes["unembed"].size
     state_bytes = nbytes(jax.eval_shape(opt.init, shapes))
@@ -184,20 +225,26 @@ def main(argv=None):
     print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, {n_steps:,} steps, "
           f"{n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
-    print(f"memory     parameters {nbytes(shapes):,} bytes, optimizer state {state_bytes:,} bytes")
+    rounded = f", rounded {args.rounding}" if args.rounding else ""
+    print(f"memory     parameters {nbytes(shapes):,} bytes ({args.param_dtype}, {dtype.itemsize} "
+          f"bytes each{rounded}), optimizer state {state_bytes:,} bytes (float32)")
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step --------------------------------
     key = jax.random.key(args.seed)
-    params = model.init_params(jax.random.fold_in(key, 0), cfg)
+    params = cast(model.init_params(jax.random.fold_in(key, 0), cfg), dtype)
     opt_state = opt.init(params)
+    round_key = jax.random.fold_in(key, 2)     # stochastic rounding: fold in the step, then the leaf
 
     def train_step(params, opt_state, loss_sum, step, x, y):
         loss, grads = jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
         lr_now = optim.lr_at(step, n_steps, lr, args.warmup)
+        # grads come in the parameters' dtype; every optimizer computes in float32 (optim.py)
         updates, opt_state = opt.update(grads, opt_state, params, lr_now)
+        params = optim.apply_updates(params, updates, jax.random.fold_in(round_key, step),
+                                     args.rounding or "nearest")
         # the loss is summed on device and read only at log time: no per-step host sync
-        return optim.apply_updates(params, updates), opt_state, loss_sum + loss
+        return params, opt_state, loss_sum + loss
 
     @jax.jit
     def evaluate(params, x, y):
@@ -271,8 +318,7 @@ def main(argv=None):
         log_file.close()
 
     # -- save and sample ---------------------------------------------------------------------
-    np.savez(out / "params.tmp.npz", **{k: np.asarray(v) for k, v in params.items()})
-    os.replace(out / "params.tmp.npz", out / "params.npz")
+    save_arrays(out / "params.npz", params)
     config = {"model": dataclasses.asdict(cfg), "args": vars(args), "b1": b1, "b2": b2,
               "tokens_per_step": tokens_per_step, "n_steps": n_steps, "steps_done": done,
               "final_val_loss": val_loss, "elapsed_s": time.time() - t_start,
