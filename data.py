@@ -66,6 +66,9 @@ def load_tokens(path):
         raise DataError(f"data file {path} cannot be read ({e.strerror}).")
     if not raw.strip():
         raise DataError(f"data file {path} is empty; --data takes a UTF-8 text file.")
+    if b"\0" in raw:   # valid UTF-8, but no text file holds NUL bytes: an image, an archive, ...
+        raise DataError(f"data file {path} is binary (it holds NUL bytes); --data takes a UTF-8 "
+                        "text file.")
     cache = path.with_name(f"{path.stem}.{hashlib.sha256(raw).hexdigest()[:16]}.bin")
     if cache.exists():
         return np.fromfile(cache, np.uint16)

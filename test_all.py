@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import hashlib
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -421,7 +422,7 @@ def test_validation_split_predicts_every_token_once():
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"), (b"", "is empty"), (b"caf\xe9 au lait\n" * 100, "not UTF-8"),
-    (b"too short\n" * 100, "too few")])
+    (b"too short\n" * 100, "too few"), (b"\x89PNG\x00\x01" * 1000, "is binary")])
 def test_bad_data_file_is_one_sentence(tmp_path, content, message):
     """A missing, empty, non-UTF-8 or too short file raises DataError with a clear reason."""
     path = tmp_path / "bad.txt"
@@ -519,6 +520,9 @@ def test_token_counts_read_like_people_write_them():
     (["--opt", "sgd", "--weight-decay", "0.1"], "--weight-decay applies to adam only"),
     (["--rounding", "stochastic"], "--rounding applies to --param-dtype bfloat16 only"),
     (["--param-dtype", "float16"], "--param-dtype"),
+    (["--eval-tokens", "0"], "--eval-tokens must be a number of tokens > 0"),
+    (["--ckpt-tokens", "-5"], "--ckpt-tokens must be a number of tokens > 0"),
+    (["--resume"], "there is no checkpoint /dev/null/never-written/ckpt.npz to resume from"),
     (["--tokens", "1k", "--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
@@ -549,10 +553,13 @@ def test_ctrl_c_saves_the_parameters(tmp_path):
         time.sleep(0.2)                                     # wait for the first training event
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted at step" in err and "Traceback" not in err
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert f"interrupted at step" in err and f"python train.py --resume --out {out}" in err
     config = json.loads((out / "config.json").read_text())
     assert 0 < config["steps_done"] < config["n_steps"]
     assert np.isfinite(np.load(out / "params.npz")["embed"]).all()
+    meta = json.loads(str(train.load_arrays(out / "ckpt.npz")["meta"]))
+    assert meta["step"] == config["steps_done"]
 
 
 def test_readme_model_table_matches_the_presets():
@@ -568,3 +575,132 @@ def test_readme_model_table_matches_the_presets():
         want = [cfg.V, cfg.D, cfg.L, cfg.H, cfg.K, cfg.T]
         assert [int(c.replace(",", "")) for c in rows[name][:6]] == want, name
         assert rows[name][6] == f"{non_embed:,} + 2 × {embed:,}", name
+
+
+# -- checkpoints, resume, divergence (runs that survive) ----------------------------------------
+
+def run_flags(tmp_path):
+    """A short run on the small corpus that logs, evaluates and checkpoints several times."""
+    return ["--data", str(small_corpus(tmp_path)), "--tokens", "6k", "--log-tokens", "1k",
+            "--eval-tokens", "3k", "--ckpt-tokens", "2k", "--sample", "0"]
+
+
+def events(out):
+    """The log's events without their timing fields (which no two runs share)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "elapsed_s")}
+            for line in (out / "log.jsonl").open()]
+
+
+def interrupt_at(step, monkeypatch):
+    """Make the run send itself Ctrl-C (SIGINT) while it fetches the batch of `step`."""
+    get_batch = data.get_batch
+    def get_batch_then_interrupt(tokens, i, *rest):
+        if i == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return get_batch(tokens, i, *rest)
+    monkeypatch.setattr(data, "get_batch", get_batch_then_interrupt)
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """Ctrl-C at step 20 (mid logging window, between checkpoints), then --resume: the log's
+    losses, learning rates and steps and the final parameters equal the uninterrupted run's,
+    bit for bit."""
+    train.main(run_flags(tmp_path) + ["--out", str(tmp_path / "whole")])
+    interrupt_at(19, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(run_flags(tmp_path) + ["--out", str(tmp_path / "cut")])
+    assert exit_info.value.code == 130
+    assert max(e["step"] for e in events(tmp_path / "cut")) == 16       # the last log before it
+    monkeypatch.undo()
+    train.main(["--resume", "--out", str(tmp_path / "cut")])            # flags from the checkpoint
+    assert events(tmp_path / "cut") == events(tmp_path / "whole")
+    whole, cut = (train.load_arrays(tmp_path / run / "params.npz") for run in ("whole", "cut"))
+    assert all(np.array_equal(whole[k], cut[k]) for k in whole)
+
+
+def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
+    """Events a crashed run logged after its last checkpoint are dropped on resume, so the log
+    holds each step once."""
+    interrupt_at(9, monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(run_flags(tmp_path) + ["--out", str(out)])
+    monkeypatch.undo()
+    with (out / "log.jsonl").open("a") as log:                # as if it had run on, then crashed
+        log.write(json.dumps({"step": 12, "tokens": 1536, "train_loss": 1.0}) + "\n")
+    train.main(["--resume", "--out", str(out), "--tokens", "2k"])   # the budget may change
+    steps = [e["step"] for e in events(out) if "train_loss" in e]
+    assert steps == [8, 15] and 1.0 not in [e.get("train_loss") for e in events(out)]
+
+
+def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys):
+    """Resuming with a different --opt or --model than the checkpoint's is one sentence, exit 2."""
+    interrupt_at(2, monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train.main(run_flags(tmp_path) + ["--out", str(out)])
+    capsys.readouterr()
+    for flags, message in [(["--opt", "adam"], "--opt adam differs from the checkpoint's sgd"),
+                           (["--model", "30m"], "--model 30m differs from the checkpoint's tiny")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--resume", "--out", str(out)] + flags)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
+    """A truncated checkpoint and one of another format version are refused with one sentence
+    and exit 2, before anything is compiled."""
+    out = tmp_path / "run"
+    out.mkdir()
+    arrays = {"loss_sum": np.float32(0), "meta": np.array(json.dumps({"version": 0}))}
+    train.save_arrays(out / "ckpt.npz", arrays)
+    whole = (out / "ckpt.npz").read_bytes()
+    for content, message in [(whole, "has format version 0; this train.py reads version 1"),
+                             (whole[:len(whole) // 2], "is truncated or damaged")]:
+        (out / "ckpt.npz").write_bytes(content)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--resume", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A save that fails halfway (disk full, power cut) leaves the previous file whole."""
+    path = tmp_path / "ckpt.npz"
+    train.save_arrays(path, {"w": np.arange(3.0)})
+    def savez_then_fail(file, **arrays):
+        Path(file).write_bytes(b"PK half a zip file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(np, "savez", savez_then_fail)
+    with pytest.raises(OSError):
+        train.save_arrays(path, {"w": np.arange(5.0)})
+    assert list(train.load_arrays(path)["w"]) == [0.0, 1.0, 2.0]
+
+
+def test_divergence_stops_the_run_and_keeps_a_good_checkpoint(tmp_path):
+    """An absurd learning rate makes the loss non-finite: the run exits 3 with one sentence
+    naming the step, the tokens seen and the learning rate, and its checkpoint is finite."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", "--lr", "1e30", "--out", str(out)]
+                            + run_flags(tmp_path), cwd=HERE, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    err = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: the run diverged: the loss or a gradient was not finite at step "
+                        r"\d+ \([\d,]+ tokens seen, learning rate [\d.e+]+\); .* Try a lower --lr\.",
+                        err), err
+    saved = train.load_arrays(out / "ckpt.npz")
+    assert all(np.isfinite(v).all() for k, v in saved.items() if k.startswith("params."))
+
+
+def test_a_different_seed_gives_different_losses(tmp_path):
+    """The seed is the only source of randomness: seeds 0 and 1 log different training losses
+    (and the bf16 test above shows that one seed gives the same losses twice)."""
+    losses = []
+    for seed in ["0", "1"]:
+        out = tmp_path / f"seed{seed}"
+        train.main(["--data", str(small_corpus(tmp_path)), "--tokens", "1k", "--log-tokens", "512",
+                    "--sample", "0", "--seed", seed, "--out", str(out)])
+        losses.append([e["train_loss"] for e in events(out) if "train_loss" in e])
+    assert losses[0] != losses[1]

@@ -5,11 +5,14 @@
     python train.py --help                       # every flag, with its meaning and default
 
 The file reads in the order it runs: flags -> derived settings, printed -> data -> parameters and
-optimizer state -> one jitted train step -> the loop (log, evaluate) -> save and sample.
-Writes <out>/log.jsonl (one JSON object per event), <out>/params.npz and <out>/config.json.
+optimizer state -> one jitted train step -> the loop (log, evaluate, checkpoint) -> save and
+sample. Writes <out>/log.jsonl (one JSON object per event), <out>/ckpt.npz (everything needed to
+resume, rewritten as the run goes), <out>/params.npz and <out>/config.json.
+Exit status: 0 done, 2 a mistake in the flags or the files, 3 diverged, 130 interrupted (Ctrl-C).
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -17,6 +20,7 @@ import platform
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import jax
@@ -32,6 +36,10 @@ import optim
 DEFAULT_LR = {"sgd": 0.7, "adam": 5e-3, "adafactor": 5e-2}
 DEFAULT_T2 = 10e6      # tokens: the second-moment half-life of the paper's sweeps (§2)
 DEFAULT_B1 = {"sgd": 0.0, "adam": 0.9}   # vanilla SGD has no momentum; Adam keeps β1 = 0.9 (§2)
+CKPT_VERSION = 1       # the layout of ckpt.npz; bump it when the layout changes
+# Flags that may change when resuming (the budget, where to log and save, the data file's path:
+# its tokens must be the same). Every other flag is taken from the checkpoint and must match it.
+MAY_CHANGE_ON_RESUME = {"tokens", "log_tokens", "eval_tokens", "ckpt_tokens", "sample", "data"}
 
 
 def die(message):
@@ -55,7 +63,7 @@ def count(text):
                                          f"got {text!r}")
 
 
-def parse_args(argv=None):
+def make_parser():
     p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).")
     add = p.add_argument
     add("--batch", type=int, default=1, help="sequences per optimizer step, B (default 1)")
@@ -90,8 +98,22 @@ def parse_args(argv=None):
     add("--eval-tokens", type=count, default=100_000,
         help="evaluate on the validation split every this many tokens and at the end "
         "(default 100000)")
+    add("--ckpt-tokens", type=count, default=100_000,
+        help="write <out>/ckpt.npz every this many tokens, at the end and on Ctrl-C (default "
+        "100000; raise it on a GPU, where a checkpoint can take longer than 100k tokens)")
+    add("--resume", action="store_true",
+        help="continue the run in --out from its checkpoint, exactly; only --tokens, --data and "
+        "the logging, checkpoint and sample flags may change")
     add("--sample", type=int, default=200, help="tokens to sample at the end (default 200)")
+    return p
+
+
+def parse_args(argv=None):
+    """(args, given): the flags with their defaults, and the names of those typed by the user."""
+    p = make_parser()
     args = p.parse_args(argv)
+    p.set_defaults(**{name: None for name in vars(args)})      # now untyped flags parse to None
+    given = {name for name, value in vars(p.parse_args(argv)).items() if value is not None}
 
     # Ranges argparse cannot check: one sentence each, naming the flag and what is accepted.
     for flag, value, ok, accepted in [
@@ -107,6 +129,8 @@ def parse_args(argv=None):
         ("--tokens", args.tokens, args.tokens is None or args.tokens > 0, "a number of tokens > 0"),
         ("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
         ("--log-tokens", args.log_tokens, args.log_tokens > 0, "a number of tokens > 0"),
+        ("--eval-tokens", args.eval_tokens, args.eval_tokens > 0, "a number of tokens > 0"),
+        ("--ckpt-tokens", args.ckpt_tokens, args.ckpt_tokens > 0, "a number of tokens > 0"),
         ("--sample", args.sample, args.sample >= 0, "a number of tokens >= 0"),
     ]:
         if not ok:
@@ -122,7 +146,7 @@ def parse_args(argv=None):
         args.rounding = "stochastic"       # the paper's recipe: nearest rounding stalls (§7)
     if args.opt != "adam" and args.weight_decay:
         die(f"--weight-decay applies to adam only; the paper uses none with {args.opt}.")
-    return args
+    return args, given
 
 
 def nbytes(tree):
@@ -168,25 +192,79 @@ def load_arrays(path):
                 if name.endswith(BF16_SUFFIX) else f[name] for name in f.files}
 
 
+def flatten(prefix, tree):
+    """A pytree's leaves by path name: {"opt_state.m.embed": array, ...}, in leaf order."""
+    return {f"{prefix}.{jax.tree_util.keystr(path, simple=True, separator='.')}": leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(prefix, arrays, template):
+    """The pytree shaped like template (arrays or shapes) with its leaves taken from arrays by
+    path name; None unless every leaf is there with the template's shape and dtype."""
+    names = flatten(prefix, template)
+    if {n for n in arrays if n.startswith(prefix + ".")} != set(names) or any(
+            arrays[n].shape != t.shape or arrays[n].dtype != t.dtype for n, t in names.items()):
+        return None
+    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(arrays[n]) for n in names])
+
+
+def read_checkpoint(path):
+    """(arrays, meta) of a checkpoint written by main, or one sentence and exit status 2."""
+    if not path.exists():
+        die(f"there is no checkpoint {path} to resume from; run without --resume to start, or "
+            "pass the --out of the run to continue.")
+    try:
+        arrays = load_arrays(path)
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        die(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); it cannot be "
+            "resumed.")
+    if meta.get("version") != CKPT_VERSION:
+        die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
+            f"version {CKPT_VERSION}.")
+    return arrays, meta
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}"
+               + (f"-bf16-{args.rounding}" if args.rounding else ""))
+    ckpt_path = out / "ckpt.npz"
+    if args.resume:   # the run's own flags come from its checkpoint; typed ones must agree
+        ckpt, meta = read_checkpoint(ckpt_path)
+        for name, saved in meta["args"].items():
+            if name in ("out", "resume") or (name in given and name in MAY_CHANGE_ON_RESUME):
+                continue
+            if name in given and getattr(args, name) != saved:
+                die(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the "
+                    f"checkpoint's {saved}; on resume only --tokens, --data, --log-tokens, "
+                    "--eval-tokens, --ckpt-tokens and --sample may change.")
+            setattr(args, name, saved)
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
     dtype = jnp.dtype(args.param_dtype)
-    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}"
-               + (f"-bf16-{args.rounding}" if args.rounding else ""))
     try:
         train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
     except data.DataError as e:
         die(str(e))
+    data_hash = hashlib.sha256(train_tokens.tobytes() + val_tokens.tobytes()).hexdigest()[:16]
+    if args.resume and data_hash != meta["data_sha256"]:
+        die(f"the tokens of --data {args.data} differ from those the checkpoint was trained on.")
     budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
     n_steps = budget // tokens_per_step
     if n_steps < 1:
         die(f"--tokens {budget:,} is less than one optimizer step of {tokens_per_step:,} tokens "
             f"(--batch {args.batch} x T = {cfg.T}).")
-    try:
+    start = meta["step"] if args.resume else 0
+    if start >= n_steps:
+        die(f"the run in {out} has already trained {start:,} of its {n_steps:,} steps; pass a "
+            "larger --tokens to train it further.")
+    try:   # a fresh log, or on resume the log up to the checkpoint (a crash may have left more)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "log.jsonl").write_text("")
+        events = (out / "log.jsonl").read_text().splitlines() if args.resume else []
+        kept = "".join(e + "\n" for e in events if json.loads(e)["step"] <= start)
+        (out / "log.tmp.jsonl").write_text(kept)
+        os.replace(out / "log.tmp.jsonl", out / "log.jsonl")
     except OSError as e:
         die(f"--out {out} cannot be written ({e.strerror}).")
 
@@ -213,9 +291,9 @@ def main(argv=None):
     n_embed = shapes["embed"].size + shapes["unembed"].size
     state_bytes = nbytes(jax.eval_shape(opt.init, shapes))
     args.lr, args.tokens, args.out = lr, n_steps * tokens_per_step, str(out)   # as resolved
-    print("command    python train.py " + " ".join(
-        f"--{flag.replace('_', '-')} {value}" for flag, value in vars(args).items()
-        if value is not None))
+    print("command    python train.py " + " ".join(   # every flag, as resolved: rerun it to repeat
+        f"--{flag.replace('_', '-')}" + ("" if value is True else f" {value}")
+        for flag, value in vars(args).items() if value is not None and value is not False))
     print(f"model      {args.model}: {cfg} -> {n_params:,} parameters "
           f"({n_params - n_embed:,} non-embedding + 2 x {n_embed // 2:,} embedding)")
     print(f"data       {args.data}: {len(train_tokens):,} training tokens "
@@ -231,20 +309,37 @@ def main(argv=None):
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step --------------------------------
-    key = jax.random.key(args.seed)
-    params = cast(model.init_params(jax.random.fold_in(key, 0), cfg), dtype)
-    opt_state = opt.init(params)
+    state_shapes = jax.eval_shape(opt.init, shapes)
+    if args.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
+        key = jax.random.wrap_key_data(jnp.asarray(ckpt["key"]))
+        params = unflatten("params", ckpt, shapes)
+        opt_state = unflatten("opt_state", ckpt, state_shapes)
+        if params is None or opt_state is None:
+            die(f"checkpoint {ckpt_path} does not hold the parameters and state of this model "
+                "and optimizer.")
+        stats = {"loss_sum": jnp.asarray(ckpt["loss_sum"]), "bad_step": jnp.int32(-1)}
+        print(f"resume     from {ckpt_path} at step {start:,} ({fmt_tokens(meta['tokens'])} "
+              "tokens)")
+    else:
+        key = jax.random.key(args.seed)
+        params = cast(model.init_params(jax.random.fold_in(key, 0), cfg), dtype)
+        opt_state = opt.init(params)
+        # the training loss summed over the logging window, and the first step whose loss or
+        # gradient was not finite (-1: none); both stay on device until they are read
+        stats = {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
     round_key = jax.random.fold_in(key, 2)     # stochastic rounding: fold in the step, then the leaf
 
-    def train_step(params, opt_state, loss_sum, step, x, y):
+    def train_step(params, opt_state, stats, step, x, y):
         loss, grads = jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
         lr_now = optim.lr_at(step, n_steps, lr, args.warmup)
         # grads come in the parameters' dtype; every optimizer computes in float32 (optim.py)
         updates, opt_state = opt.update(grads, opt_state, params, lr_now)
         params = optim.apply_updates(params, updates, jax.random.fold_in(round_key, step),
                                      args.rounding or "nearest")
-        # the loss is summed on device and read only at log time: no per-step host sync
-        return params, opt_state, loss_sum + loss
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+            [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+        bad_step = jnp.where((stats["bad_step"] < 0) & ~finite, step, stats["bad_step"])
+        return params, opt_state, {"loss_sum": stats["loss_sum"] + loss, "bad_step": bad_step}
 
     @jax.jit
     def evaluate(params, x, y):
@@ -254,13 +349,13 @@ def main(argv=None):
                            (x, y)).mean()
 
     val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
+    # batches are addressed by step number, so a resumed run sees the data it would have seen
     batch = lambda step: data.get_batch(train_tokens, step, args.batch, cfg.T, args.seed)
-    loss_sum = jnp.zeros([], jnp.float32)
     t0 = time.time()
     # compiled ahead of time, once: fixed shapes and the step number as an array mean the step
-    # never recompiles; params, state and the loss sum are donated, so they are updated in place
+    # never recompiles; params, state and stats are donated, so they are updated in place
     step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, loss_sum, np.int32(0), *batch(0)).compile()
+        params, opt_state, stats, np.int32(0), *batch(0)).compile()
     print(f"compiled the train step in {time.time() - t0:.1f} s")
 
     log_file = open(out / "log.jsonl", "a")
@@ -274,8 +369,31 @@ def main(argv=None):
         print(f"step {step:>6,}/{n_steps:,} | validation loss {val_loss:.4f}")
         return val_loss
 
-    # Ctrl-C lets the current step finish, then the loop stops and the parameters are saved;
-    # a second Ctrl-C aborts at once.
+    def check_finite(done):
+        """Stop, keeping the last good checkpoint, if a loss or gradient was not finite."""
+        bad = int(stats["bad_step"])                      # a host sync: once per log or save
+        if bad >= 0:
+            lr_bad = float(optim.lr_at(bad, n_steps, lr, args.warmup))
+            log(step=bad + 1, tokens=(bad + 1) * tokens_per_step, diverged=True, lr=lr_bad)
+            print(f"error: the run diverged: the loss or a gradient was not finite at step "
+                  f"{bad + 1:,} ({(bad + 1) * tokens_per_step:,} tokens seen, learning rate "
+                  f"{lr_bad:.3g}); {ckpt_path} keeps the last good state, from step "
+                  f"{saved_step:,}. Try a lower --lr.", file=sys.stderr)
+            sys.exit(3)
+
+    def save_checkpoint(done):
+        """Everything needed to go on exactly from step `done`, written atomically."""
+        meta = {"version": CKPT_VERSION, "args": vars(args), "step": done,
+                "tokens": done * tokens_per_step, "window_start": window_start,
+                "train_time": train_time, "elapsed_s": time.time() - t_start,
+                "val_loss": val_loss, "data_sha256": data_hash}
+        save_arrays(ckpt_path, {**flatten("params", params), **flatten("opt_state", opt_state),
+                                "loss_sum": stats["loss_sum"], "key": jax.random.key_data(key),
+                                "meta": np.array(json.dumps(meta))})
+        return done
+
+    # Ctrl-C lets the current step finish, then the loop stops and a checkpoint is written;
+    # a second Ctrl-C aborts at once (the last checkpoint stays whole: it is written atomically).
     interrupted = []
     def on_sigint(*_):
         interrupted.append(True)
@@ -283,19 +401,27 @@ def main(argv=None):
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
 
     # -- the loop ----------------------------------------------------------------------------
-    val_loss = run_eval(0)
     # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
     crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
-    t_start = t_window = time.time()
-    train_time, window_start = 0.0, 0          # seconds spent training; first step of the window
+    if args.resume:    # the logging window and the clocks carry on from the checkpoint
+        window_start, train_time, t_start = (meta["window_start"], meta["train_time"],
+                                             time.time() - meta["elapsed_s"])
+        val_loss = meta["val_loss"]
+        saved_step = start
+    else:
+        window_start, train_time, t_start = 0, 0.0, time.time()
+        val_loss = run_eval(0)
+        saved_step = save_checkpoint(0)    # so that a checkpoint exists from the first step on
+    t_window, done = time.time(), start
     try:
-        for step in range(n_steps):
-            params, opt_state, loss_sum = step_fn(params, opt_state, loss_sum, np.int32(step),
-                                                  *batch(step))
+        for step in range(start, n_steps):
+            params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
+                                               *batch(step))
             done, tokens = step + 1, (step + 1) * tokens_per_step
-            last = done == n_steps or bool(interrupted)
+            last = done == n_steps
             if crossed(tokens, args.log_tokens) or last:
-                train_loss = float(loss_sum) / (done - window_start)  # host sync, once per log
+                check_finite(done)
+                train_loss = float(stats["loss_sum"]) / (done - window_start)  # host sync
                 dt = time.time() - t_window
                 train_time += dt
                 tok_per_s = (done - window_start) * tokens_per_step / dt
@@ -304,13 +430,19 @@ def main(argv=None):
                     tok_per_s=tok_per_s, elapsed_s=time.time() - t_start)
                 print(f"step {done:>6,}/{n_steps:,} | tokens {fmt_tokens(tokens):>6} | "
                       f"loss {train_loss:.4f} | lr {lr_now:.2e} | {tok_per_s:,.0f} tok/s | "
-                      f"eta {(n_steps - done) * train_time / done / 60:.1f} min")
-                loss_sum, window_start, t_window = jnp.zeros([], jnp.float32), done, time.time()
-            if (crossed(tokens, args.eval_tokens) or last) and not interrupted:
-                jax.block_until_ready(params)  # so the steps in flight count as training time
+                      f"eta {(n_steps - done) * train_time / (done - start) / 60:.1f} min")
+                stats["loss_sum"], window_start = jnp.float32(0), done
+                t_window = time.time()
+            if crossed(tokens, args.eval_tokens) or last:
+                check_finite(done)             # (this waits for the steps in flight as well)
                 t_eval = time.time()
                 val_loss = run_eval(done)
                 t_window += time.time() - t_eval
+            if crossed(tokens, args.ckpt_tokens) or last or interrupted:
+                check_finite(done)
+                t_save = time.time()
+                saved_step = save_checkpoint(done)
+                t_window += time.time() - t_save
             if interrupted:
                 break
     finally:
@@ -325,17 +457,16 @@ def main(argv=None):
               "versions": {"python": platform.python_version(), "jax": jax.__version__,
                            "numpy": np.__version__}}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print(f"saved {out}/params.npz and {out}/config.json")
+    print(f"saved {ckpt_path}, {out}/params.npz and {out}/config.json")
     if interrupted:
-        print(f"interrupted at step {done:,} of {n_steps:,}; the last validation loss was "
-              f"{val_loss:.4f}", file=sys.stderr)
+        print(f"interrupted at step {done:,} of {n_steps:,}; to go on exactly from there: "
+              f"python train.py --resume --out {out}", file=sys.stderr)
         sys.exit(130)
     print(f"final validation loss {val_loss:.4f} after {fmt_tokens(done * tokens_per_step)} tokens")
     if args.sample:
         prompt = data.encode("\n")
         ids = model.generate(params, cfg, prompt, args.sample, jax.random.fold_in(key, 1))
         print(f"--- sample ({args.sample} tokens) ---\n{data.decode(ids)}")
-
 
 if __name__ == "__main__":
     try:
