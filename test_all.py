@@ -704,3 +704,114 @@ def test_a_different_seed_gives_different_losses(tmp_path):
                     "--sample", "0", "--seed", seed, "--out", str(out)])
         losses.append([e["train_loss"] for e in events(out) if "train_loss" in e])
     assert losses[0] != losses[1]
+
+
+# -- the momentum toy problem (§8) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_panels():
+    """Fig. 10's four runs with the README's 1,000 seeds, computed once for the tests below."""
+    return optim.toy_panels(seeds=1000)
+
+
+def test_toy_without_noise_is_gradient_descent_by_hand():
+    """At σ = 0 (b = ∞) every seed's path is gradient descent on x² + 10y² from (−1, 1): each
+    step multiplies x by 1 − 2·lr and y by 1 − 20·lr; with momentum, the EMA recursion by hand."""
+    lr, steps, start = 0.03, 4, np.array([-1.0, 1.0])
+    got = np.asarray(optim.toy_paths(b=np.inf, lr=lr, steps=steps, beta=0.0, seeds=3))
+    want = start * np.array([1 - 2 * lr, 1 - 20 * lr]) ** np.arange(steps + 1)[:, None]
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-7)
+
+    got = np.asarray(optim.toy_paths(b=np.inf, lr=lr, steps=steps, beta=0.4, seeds=3))
+    w, m, want = start, np.zeros(2), [start]
+    for _ in range(steps):
+        m = 0.4 * m + 0.6 * np.array([2.0, 20.0]) * w      # the gradient (2x, 20y), by hand
+        w = w - lr * m
+        want.append(w)
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-7)
+
+
+def test_toy_noise_is_sigma_times_the_gradient_norm():
+    """One SGD step at lr = 1 from (−1, 1) moves by g + σ·|g|·ε: over 4,000 seeds the noise
+    (w0 − w1 − g) / |g| has mean 0, standard deviation σ = 1/√b = 0.5 in each coordinate, and
+    independent coordinates (standard errors 0.008, 1 % and 0.016; the bounds are 5 of them)."""
+    w = np.asarray(optim.toy_paths(b=4.0, lr=1.0, steps=1, beta=0.0, seeds=4000), np.float64)
+    g = np.array([-2.0, 20.0])                                 # ∇(x² + 10y²) at (−1, 1)
+    noise = (w[:, 0] - w[:, 1] - g) / np.linalg.norm(g)       # [seeds, 2]
+    np.testing.assert_allclose(noise.mean(axis=0), 0.0, atol=0.04)
+    np.testing.assert_allclose(noise.std(axis=0), 0.5, rtol=0.05)
+    assert abs(np.corrcoef(noise.T)[0, 1]) < 0.08
+
+
+def test_toy_momentum_helps_at_large_batch_only(toy_panels):
+    """Fig. 10's claim. At b = 25 momentum lowers the median final loss by a clear factor; at
+    b = 0.09 the two are within a small factor. Calibrated once (README): SGD over momentum is
+    12× and 0.67× (11× to 13× and 0.49× to 0.67× over three seed sets); frozen at above 5× and
+    within 3× either way, so a run that loses momentum's damping, or its noise, fails."""
+    median = {name: np.median(optim.toy_loss(w[:, -1])) for name, w in toy_panels.items()}
+    assert median["large batch, SGD"] / median["large batch, SGD + momentum"] > 5
+    assert 1 / 3 < median["small batch, SGD"] / median["small batch, SGD + momentum"] < 3
+
+
+def test_toy_sweep_momentum_gain_shrinks_with_b(monkeypatch):
+    """At b × steps = 64 samples and each β's best lr, momentum (β = 0.4) beats SGD by a clear
+    factor at b = 4 but not at b = 1/4. Calibrated once with the README's seeds (5.4× and 0.70×;
+    4.2× to 5.4× and 0.69× to 0.76× over three seed sets), frozen at above 2.5× and below 1.4×."""
+    monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])      # b = 4 and 1/4 of the sweep
+    monkeypatch.setattr(optim, "SWEEP_BETAS", (0.0, 0.4))
+    (_, _, large), (_, _, small) = optim.toy_sweep(seeds=1000)
+    assert large[0.0][0] / large[0.4][0] > 2.5
+    assert small[0.0][0] / small[0.4][0] < 1.4
+
+
+def test_toy_readme_table_is_what_the_code_prints(toy_panels, capsys):
+    """The README's table of the four panels is, line for line, what `python optim.py` prints."""
+    optim.print_panels(toy_panels)
+    readme = (HERE / "README.md").read_text().splitlines()
+    assert all(line in readme for line in capsys.readouterr().out.splitlines())
+
+
+def test_toy_main_prints_both_tables(monkeypatch, capsys):
+    """`python optim.py` prints the four panels, then a sweep row per b with b × steps = 64 and
+    the ratio of SGD's loss to the best momentum's (two of the twelve b's here, to save time)."""
+    monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])
+    optim.main([])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith(("large batch", "small batch")) for line in lines) == 4
+    rows = [line.split() for line in lines[-2:]]
+    assert [(row[0], row[1]) for row in rows] == [("4", "16"), ("0.25", "256")]
+    for row in rows:      # b, steps, then loss (lr) for β = 0, 0.4, 0.9, then the ratio
+        losses = [float(row[i]) for i in (2, 4, 6)]
+        assert float(row[8]) == pytest.approx(losses[0] / min(losses[1:]), rel=0.02)
+
+
+def test_toy_plot_writes_a_png(monkeypatch, tmp_path, capsys):
+    """--plot FILE.png writes the figure as a PNG (skipped where matplotlib is not installed)."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])
+    optim.main(["--plot", str(tmp_path / "toy.png")])
+    assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_toy_plot_without_matplotlib_says_how_to_install(monkeypatch, capsys):
+    """--plot without matplotlib exits 2 at once, with one line giving the pip command."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # `import matplotlib` now fails
+    with pytest.raises(SystemExit) as exit_info:
+        optim.main(["--plot", "toy.png"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr() == ("", "error: --plot needs matplotlib: "
+                                       "python -m pip install matplotlib\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds: expected an integer >= 1, got '0'"),
+    (["--seed", "-1"], "--seed: expected an integer >= 0, got '-1'"),
+    (["--plots", "toy.png"], "unrecognized arguments: --plots"),
+])
+def test_toy_user_errors_exit_2_with_one_sentence(argv, message, capsys):
+    """A mistake on optim.py's command line exits 2 with one line naming the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        optim.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
