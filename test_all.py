@@ -619,8 +619,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
 
 
 def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
-    """Events a crashed run logged after its last checkpoint are dropped on resume, so the log
-    holds each step once."""
+    """Events a crashed run logged after its last checkpoint, and a line it cut short, are
+    dropped on resume, so the log holds each step once."""
     interrupt_at(9, monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
@@ -628,6 +628,7 @@ def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     with (out / "log.jsonl").open("a") as log:                # as if it had run on, then crashed
         log.write(json.dumps({"step": 12, "tokens": 1536, "train_loss": 1.0}) + "\n")
+        log.write('{"step": 13, "tokens": 16')                         # and cut the last line
     train.main(["--resume", "--out", str(out), "--tokens", "2k"])   # the budget may change
     steps = [e["step"] for e in events(out) if "train_loss" in e]
     assert steps == [8, 15] and 1.0 not in [e.get("train_loss") for e in events(out)]

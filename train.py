@@ -259,12 +259,18 @@ def main(argv=None):
     if start >= n_steps:
         die(f"the run in {out} has already trained {start:,} of its {n_steps:,} steps; pass a "
             "larger --tokens to train it further.")
-    try:   # a fresh log, or on resume the log up to the checkpoint (a crash may have left more)
+    def logged_by_checkpoint(line):    # a crash may have logged past the checkpoint, or cut
+        try:                           # the last line short: keep only whole events up to it
+            return json.loads(line)["step"] <= start
+        except (ValueError, KeyError):
+            return False
+    try:   # a fresh log, or on resume the log up to the checkpoint
         out.mkdir(parents=True, exist_ok=True)
-        events = (out / "log.jsonl").read_text().splitlines() if args.resume else []
-        kept = "".join(e + "\n" for e in events if json.loads(e)["step"] <= start)
-        (out / "log.tmp.jsonl").write_text(kept)
-        os.replace(out / "log.tmp.jsonl", out / "log.jsonl")
+        log_path = out / "log.jsonl"
+        events = log_path.read_text().splitlines() if args.resume and log_path.exists() else []
+        (out / "log.tmp.jsonl").write_text("".join(
+            line + "\n" for line in events if logged_by_checkpoint(line)))
+        os.replace(out / "log.tmp.jsonl", log_path)
     except OSError as e:
         die(f"--out {out} cannot be written ({e.strerror}).")
 
