@@ -319,12 +319,25 @@ def print_panels(paths):
               f"{f'{q50:.3g} [{q25:.3g}, {q75:.3g}]':<32} {reach}")
 
 
+def _momentum_speedup(best):
+    """How much faster the best momentum's loss fell, on a log scale: ln(its loss) / ln(SGD's).
+    The loss falls about geometrically, so this is the ratio of the two convergence rates; it
+    means nothing (None) until SGD's loss is below 1."""
+    sgd_loss = best[0.0][0]
+    momentum = min(loss for beta, (loss, _) in best.items() if beta > 0)
+    if not 0 < sgd_loss < 1 or momentum <= 0:
+        return None
+    return math.log(momentum) / math.log(sgd_loss)
+
+
 def print_sweep(rows):
     heads = "".join(f"   {f'β = {beta:g} (best lr)':<19}" for beta in SWEEP_BETAS)
-    print(f"{'b':>8} {'steps':>5}{heads}   β = 0 / best momentum")
+    print(f"{'b':>8} {'steps':>5}{heads}   loss ratio   speed-up")
     for b, steps, best in rows:
         cells = "".join(f"   {f'{loss:.2e} ({lr:.2g})':<19}" for loss, lr in best.values())
-        print(f"{b:>8.4g} {steps:>5}{cells}   {_momentum_gain(best):.3g}")
+        speedup = _momentum_speedup(best)
+        print(f"{b:>8.4g} {steps:>5}{cells}   {_momentum_gain(best):>10.3g}   "
+              + ("       -" if speedup is None else f"{speedup:>8.3g}"))
 
 
 def plot_toy(paths, rows, file):
@@ -401,7 +414,9 @@ def main(argv=None):
     print_panels(paths)
     print(f"\nThe sweep: b × steps = {SWEEP_SAMPLES} gradient samples per run. Each cell is the "
           f"median final loss at\nthe best of {len(SWEEP_LRS)} lr's from {SWEEP_LRS[0]:.2g} to "
-          f"{SWEEP_LRS[-1]:g}, a factor √2 apart (that lr in brackets).\n")
+          f"{SWEEP_LRS[-1]:g}, a factor √2 apart (that lr in brackets). Loss ratio: SGD's\n"
+          "over the best momentum's. Speed-up: ln(momentum's) / ln(SGD's), the ratio of their\n"
+          "convergence rates.\n")
     rows = toy_sweep(args.seeds, args.seed)
     print_sweep(rows)
     if args.plot:

@@ -768,10 +768,11 @@ def test_toy_sweep_momentum_speedup_shrinks_with_b(monkeypatch):
     monkeypatch.setattr(optim, "SWEEP_BETAS", (0.0, 0.4))
     (_, _, large), (_, _, small) = optim.toy_sweep(seeds=1000)
 
-    def speedup(row):                                         # log-loss over SGD's
+    def speedup(row):                       # log-loss over SGD's, by hand (numpy)
         return np.log(row[0.4][0]) / np.log(row[0.0][0])
     assert large[0.0][0] / large[0.4][0] > 3
     assert speedup(large) > 1.2 and speedup(small) < 1.1
+    assert optim._momentum_speedup(large) == pytest.approx(speedup(large))
 
 
 def test_toy_readme_table_is_what_the_code_prints(toy_panels, capsys):
