@@ -165,6 +165,8 @@ def apply_updates(params, updates, key=None, rounding="nearest"):
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if rounding == "stochastic" and key is None:
+        raise ValueError("stochastic rounding needs a key: apply_updates(params, updates, key, ...)")
     leaves, treedef = jax.tree.flatten(params)
     sums = [p.astype(f32) + u for p, u in zip(leaves, treedef.flatten_up_to(updates))]
     return jax.tree.unflatten(treedef, [

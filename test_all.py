@@ -142,7 +142,8 @@ def test_optimizer_math_is_float32_for_bf16_params():
     grads = {"w": jnp.full((4, 4), 0.5, jnp.bfloat16)}
     for opt in [optim.sgd(0.9), optim.adam(), optim.adafactor(min_dim_to_factor=2)]:
         updates, state = opt.update(grads, opt.init(params), params, 1e-3)
-        assert {x.dtype for x in jax.tree.leaves((updates, state)) if x.ndim} == {np.dtype("float32")}
+        dtypes = {x.dtype for x in jax.tree.leaves((updates, state)) if x.ndim}
+        assert dtypes == {np.dtype("float32")}
         assert optim.apply_updates(params, updates)["w"].dtype == jnp.bfloat16
 
 
@@ -222,11 +223,14 @@ def test_bf16_parameters_save_and_load_exactly(tmp_path):
     assert (loaded["v"] == arrays["v"]).all()
 
 
-def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys):
+def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
     """A short bf16 run with stochastic rounding (the default for bf16) reports 2 bytes per
-    parameter and 0 bytes of SGD state, has finite falling losses, saves bf16 parameters, and a
-    second run with the same seed logs the same losses bit for bit."""
-    corpus, logs = small_corpus(tmp_path), []
+    parameter and 0 bytes of SGD state, rounds every leaf stochastically in its step, has finite
+    falling losses, saves bf16 parameters, and a second run with the same seed logs the same
+    losses bit for bit."""
+    corpus, logs, calls = small_corpus(tmp_path), [], []
+    round_bf16 = optim.stochastic_round_bf16
+    monkeypatch.setattr(optim, "stochastic_round_bf16", lambda *a: calls.append(1) or round_bf16(*a))
     for run in ["a", "b"]:
         train.main(["--param-dtype", "bfloat16", "--data", str(corpus), "--tokens", "6k",
                     "--log-tokens", "1k", "--eval-tokens", "6k", "--sample", "0",
@@ -242,6 +246,7 @@ def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys):
     trains = [e["train_loss"] for e in logs[0] if "train_loss" in e]
     assert trains[-1] < trains[0] - 1.0
     assert train.load_arrays(tmp_path / "a" / "params.npz")["embed"].dtype == jnp.bfloat16
+    assert len(calls) == 2 * 26           # the train step rounds each of the 26 leaves, per run
 
 
 # -- half-lives and the schedule ---------------------------------------------------------------
@@ -516,12 +521,14 @@ def test_token_counts_read_like_people_write_them():
     (["--data", "no/such/file.txt"], "does not exist"),
     (["--tokens", "inf"], "expected a number of tokens"),
     (["--lr", "inf"], "--lr must be a finite number > 0"),
-    (["--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
     (["--opt", "sgd", "--weight-decay", "0.1"], "--weight-decay applies to adam only"),
     (["--rounding", "stochastic"], "--rounding applies to --param-dtype bfloat16 only"),
     (["--param-dtype", "float16"], "--param-dtype"),
     (["--eval-tokens", "0"], "--eval-tokens must be a number of tokens > 0"),
     (["--ckpt-tokens", "-5"], "--ckpt-tokens must be a number of tokens > 0"),
+    (["--opt", "adam", "--t2", "1e20"], "--t2 is so long that b2 rounds to 1"),
+    (["--seed", str(2 ** 63)], "--seed must be an integer in [0, 2^63)"),
     (["--resume"], "there is no checkpoint /dev/null/never-written/ckpt.npz to resume from"),
     (["--tokens", "1k", "--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
 ])
@@ -554,7 +561,7 @@ def test_ctrl_c_saves_the_parameters(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err
-    assert f"interrupted at step" in err and f"python train.py --resume --out {out}" in err
+    assert "interrupted at step" in err and f"python train.py --resume --out {out}" in err
     config = json.loads((out / "config.json").read_text())
     assert 0 < config["steps_done"] < config["n_steps"]
     assert np.isfinite(np.load(out / "params.npz")["embed"]).all()
@@ -601,21 +608,24 @@ def interrupt_at(step, monkeypatch):
     monkeypatch.setattr(data, "get_batch", get_batch_then_interrupt)
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags", [[], ["--opt", "adam", "--param-dtype", "bfloat16", "--seed", "3"]])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, flags):
     """Ctrl-C at step 20 (mid logging window, between checkpoints), then --resume: the log's
     losses, learning rates and steps and the final parameters equal the uninterrupted run's,
-    bit for bit."""
-    train.main(run_flags(tmp_path) + ["--out", str(tmp_path / "whole")])
+    bit for bit; for vanilla SGD (no state) and for Adam with bf16 weights, stochastic rounding
+    and another seed (state, rounding key and run key all restored)."""
+    train.main(run_flags(tmp_path) + flags + ["--out", str(tmp_path / "whole")])
     interrupt_at(19, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(run_flags(tmp_path) + ["--out", str(tmp_path / "cut")])
+        train.main(run_flags(tmp_path) + flags + ["--out", str(tmp_path / "cut")])
     assert exit_info.value.code == 130
     assert max(e["step"] for e in events(tmp_path / "cut")) == 16       # the last log before it
     monkeypatch.undo()
     train.main(["--resume", "--out", str(tmp_path / "cut")])            # flags from the checkpoint
     assert events(tmp_path / "cut") == events(tmp_path / "whole")
     whole, cut = (train.load_arrays(tmp_path / run / "params.npz") for run in ("whole", "cut"))
-    assert all(np.array_equal(whole[k], cut[k]) for k in whole)
+    assert all(whole[k].dtype == cut[k].dtype and whole[k].tobytes() == cut[k].tobytes()
+               for k in whole)
 
 
 def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
@@ -635,16 +645,20 @@ def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys):
-    """Resuming with a different --opt or --model than the checkpoint's is one sentence, exit 2."""
+    """Resuming with a different --opt or --model than the checkpoint's is one sentence, exit 2;
+    so is starting a new run over the unfinished one without --resume."""
     interrupt_at(2, monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
         train.main(run_flags(tmp_path) + ["--out", str(out)])
     capsys.readouterr()
-    for flags, message in [(["--opt", "adam"], "--opt adam differs from the checkpoint's sgd"),
-                           (["--model", "30m"], "--model 30m differs from the checkpoint's tiny")]:
+    for flags, message in [
+            (["--resume", "--opt", "adam"], "--opt adam differs from the checkpoint's sgd"),
+            (["--resume", "--model", "30m"], "--model 30m differs from the checkpoint's tiny"),
+            (run_flags(tmp_path), "holds an unfinished run (step 3 of 46); continue it with "
+                                  "--resume")]:
         with pytest.raises(SystemExit) as exit_info:
-            train.main(["--resume", "--out", str(out)] + flags)
+            train.main(["--out", str(out)] + flags)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
 
@@ -671,7 +685,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.npz"
     train.save_arrays(path, {"w": np.arange(3.0)})
     def savez_then_fail(file, **arrays):
-        Path(file).write_bytes(b"PK half a zip file")
+        file.write(b"PK half a zip file")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", savez_then_fail)
     with pytest.raises(OSError):
@@ -688,8 +702,9 @@ def test_divergence_stops_the_run_and_keeps_a_good_checkpoint(tmp_path):
                             timeout=300)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     err = result.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: the run diverged: the loss or a gradient was not finite at step "
-                        r"\d+ \([\d,]+ tokens seen, learning rate [\d.e+]+\); .* Try a lower --lr\.",
+    assert re.fullmatch(r"error: the run diverged: the loss, a gradient or the parameters were "
+                        r"not finite at step \d+ \([\d,]+ tokens seen, learning rate [\d.e+]+\); "
+                        r".* Start a new run with a lower --lr \(resuming would repeat this\)\.",
                         err), err
     saved = train.load_arrays(out / "ckpt.npz")
     assert all(np.isfinite(v).all() for k, v in saved.items() if k.startswith("params."))

@@ -127,7 +127,7 @@ def parse_args(argv=None):
          "a finite number >= 0"),
         ("--warmup", args.warmup, 0 <= args.warmup < 1, "a fraction in [0, 1)"),
         ("--tokens", args.tokens, args.tokens is None or args.tokens > 0, "a number of tokens > 0"),
-        ("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
+        ("--seed", args.seed, 0 <= args.seed < 2 ** 63, "an integer in [0, 2^63)"),
         ("--log-tokens", args.log_tokens, args.log_tokens > 0, "a number of tokens > 0"),
         ("--eval-tokens", args.eval_tokens, args.eval_tokens > 0, "a number of tokens > 0"),
         ("--ckpt-tokens", args.ckpt_tokens, args.ckpt_tokens > 0, "a number of tokens > 0"),
@@ -135,6 +135,11 @@ def parse_args(argv=None):
     ]:
         if not ok:
             die(f"{flag} must be {accepted}, got {value}.")
+    return args, given
+
+
+def check_combinations(args):
+    """Flags that contradict each other (checked after --resume has filled in the rest)."""
     if args.opt == "adafactor" and (args.b1 is not None or args.t1 is not None):
         die("--b1/--t1 do not apply to adafactor, which keeps no first moment (§3).")
     if args.opt == "sgd" and (args.b2 is not None or args.t2 is not None):
@@ -146,7 +151,6 @@ def parse_args(argv=None):
         args.rounding = "stochastic"       # the paper's recipe: nearest rounding stalls (§7)
     if args.opt != "adam" and args.weight_decay:
         die(f"--weight-decay applies to adam only; the paper uses none with {args.opt}.")
-    return args, given
 
 
 def nbytes(tree):
@@ -180,8 +184,11 @@ def save_arrays(path, arrays):
         if a.dtype == jnp.bfloat16:
             name, a = name + BF16_SUFFIX, a.view(np.uint16)
         stored[name] = a
-    tmp = path.with_name(path.stem + ".tmp.npz")    # savez would append .npz to another suffix
-    np.savez(tmp, **stored)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, **stored)
+        f.flush()
+        os.fsync(f.fileno())          # on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
 
 
@@ -208,17 +215,31 @@ def unflatten(prefix, arrays, template):
     return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(arrays[n]) for n in names])
 
 
-def read_checkpoint(path):
-    """(arrays, meta) of a checkpoint written by main, or one sentence and exit status 2."""
+CKPT_META = {"version", "args", "step", "n_steps", "tokens", "window_start", "window_s",
+             "train_time", "elapsed_s", "val_loss", "data_sha256"}
+
+
+def read_checkpoint(path, quiet=False):
+    """(arrays, meta) of a checkpoint written by main, or one sentence and exit status 2
+    (quiet: (None, None) instead, for a checkpoint that is only looked at)."""
+    if quiet and not path.exists():
+        return None, None
     if not path.exists():
         die(f"there is no checkpoint {path} to resume from; run without --resume to start, or "
             "pass the --out of the run to continue.")
     try:
         arrays = load_arrays(path)
         meta = json.loads(str(arrays.pop("meta")))
+        if meta.get("version") == CKPT_VERSION and not (
+                CKPT_META <= set(meta) and {"key", "loss_sum"} <= set(arrays)):
+            raise KeyError("a field of the format is missing")
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        if quiet:
+            return None, None
         die(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); it cannot be "
             "resumed.")
+    if quiet:
+        return arrays, meta
     if meta.get("version") != CKPT_VERSION:
         die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
             f"version {CKPT_VERSION}.")
@@ -227,9 +248,16 @@ def read_checkpoint(path):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}"
-               + (f"-bf16-{args.rounding}" if args.rounding else ""))
+    if not args.resume:
+        check_combinations(args)
+    bf16 = f"-bf16-{args.rounding or 'stochastic'}" if args.param_dtype == "bfloat16" else ""
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{bf16}")
     ckpt_path = out / "ckpt.npz"
+    if not args.resume and ckpt_path.exists():   # never overwrite a run that can still go on
+        meta = read_checkpoint(ckpt_path, quiet=True)[1]
+        if meta and meta["step"] < meta["n_steps"]:
+            die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
+                f"continue it with --resume, or pass another --out to start a new one.")
     if args.resume:   # the run's own flags come from its checkpoint; typed ones must agree
         ckpt, meta = read_checkpoint(ckpt_path)
         for name, saved in meta["args"].items():
@@ -240,6 +268,7 @@ def main(argv=None):
                     f"checkpoint's {saved}; on resume only --tokens, --data, --log-tokens, "
                     "--eval-tokens, --ckpt-tokens and --sample may change.")
             setattr(args, name, saved)
+        check_combinations(args)
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
     dtype = jnp.dtype(args.param_dtype)
@@ -259,21 +288,6 @@ def main(argv=None):
     if start >= n_steps:
         die(f"the run in {out} has already trained {start:,} of its {n_steps:,} steps; pass a "
             "larger --tokens to train it further.")
-    def logged_by_checkpoint(line):    # a crash may have logged past the checkpoint, or cut
-        try:                           # the last line short: keep only whole events up to it
-            return json.loads(line)["step"] <= start
-        except (ValueError, KeyError):
-            return False
-    try:   # a fresh log, or on resume the log up to the checkpoint
-        out.mkdir(parents=True, exist_ok=True)
-        log_path = out / "log.jsonl"
-        events = log_path.read_text().splitlines() if args.resume and log_path.exists() else []
-        (out / "log.tmp.jsonl").write_text("".join(
-            line + "\n" for line in events if logged_by_checkpoint(line)))
-        os.replace(out / "log.tmp.jsonl", log_path)
-    except OSError as e:
-        die(f"--out {out} cannot be written ({e.strerror}).")
-
     # -- derived settings, printed once ------------------------------------------------------
     lr = args.lr or DEFAULT_LR[args.opt]
     b1 = b2 = None                         # adafactor keeps no first moment, sgd no second
@@ -284,6 +298,10 @@ def main(argv=None):
     if args.opt != "sgd":                  # β2 from its half-life in tokens unless given (§2)
         b2 = args.b2 if args.b2 is not None else optim.beta_from_halflife(
             args.t2 or DEFAULT_T2, tokens_per_step)
+    for flag, name, beta in [("--t1", "b1", b1), ("--t2", "b2", b2)]:
+        if beta is not None and beta >= 1:   # 0.5 ** (B·T / t) rounds to 1 when t >> B·T
+            die(f"{flag} is so long that {name} rounds to 1 at {tokens_per_step:,} tokens per "
+                "step, and the average would never move; give a shorter half-life.")
     opt = {"sgd": lambda: optim.sgd(momentum=b1),
            "adam": lambda: optim.adam(b1=b1, b2=b2, weight_decay=args.weight_decay),
            "adafactor": lambda: optim.adafactor(b2=b2)}[args.opt]()
@@ -295,7 +313,25 @@ def main(argv=None):
     shapes = jax.eval_shape(lambda: cast(model.init_params(jax.random.key(0), cfg), dtype))
     n_params = sum(x.size for x in jax.tree.leaves(shapes))
     n_embed = shapes["embed"].size + shapes["unembed"].size
-    state_bytes = nbytes(jax.eval_shape(opt.init, shapes))
+    state_shapes = jax.eval_shape(opt.init, shapes)
+    state_bytes = nbytes(state_shapes)
+
+    # The output folder comes last: nothing is written before every check above has passed.
+    def logged_by_checkpoint(line):    # a crash may have logged past the checkpoint, or cut
+        try:                           # the last line short: keep only whole events up to it
+            return json.loads(line)["step"] <= start
+        except (ValueError, KeyError):
+            return False
+    try:   # a fresh log, or on resume the log up to the checkpoint
+        out.mkdir(parents=True, exist_ok=True)
+        log_path = out / "log.jsonl"
+        events = (log_path.read_text(errors="replace").splitlines()
+                  if args.resume and log_path.exists() else [])
+        (out / "log.tmp.jsonl").write_text("".join(
+            line + "\n" for line in events if logged_by_checkpoint(line)))
+        os.replace(out / "log.tmp.jsonl", log_path)
+    except OSError as e:
+        die(f"--out {out} cannot be written ({e.strerror}).")
     args.lr, args.tokens, args.out = lr, n_steps * tokens_per_step, str(out)   # as resolved
     print("command    python train.py " + " ".join(   # every flag, as resolved: rerun it to repeat
         f"--{flag.replace('_', '-')}" + ("" if value is True else f" {value}")
@@ -315,7 +351,6 @@ def main(argv=None):
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step --------------------------------
-    state_shapes = jax.eval_shape(opt.init, shapes)
     if args.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
         key = jax.random.wrap_key_data(jnp.asarray(ckpt["key"]))
         params = unflatten("params", ckpt, shapes)
@@ -333,7 +368,7 @@ def main(argv=None):
         # the training loss summed over the logging window, and the first step whose loss or
         # gradient was not finite (-1: none); both stay on device until they are read
         stats = {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
-    round_key = jax.random.fold_in(key, 2)     # stochastic rounding: fold in the step, then the leaf
+    round_key = jax.random.fold_in(key, 2)   # stochastic rounding: fold in the step, then the leaf
 
     def train_step(params, opt_state, stats, step, x, y):
         loss, grads = jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
@@ -342,8 +377,8 @@ def main(argv=None):
         updates, opt_state = opt.update(grads, opt_state, params, lr_now)
         params = optim.apply_updates(params, updates, jax.random.fold_in(round_key, step),
                                      args.rounding or "nearest")
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-            [jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+        finite = jnp.all(jnp.array([jnp.isfinite(loss)] + [jnp.isfinite(x).all() for x in
+                                    jax.tree.leaves((grads, params))]))   # params: updated
         bad_step = jnp.where((stats["bad_step"] < 0) & ~finite, step, stats["bad_step"])
         return params, opt_state, {"loss_sum": stats["loss_sum"] + loss, "bad_step": bad_step}
 
@@ -375,28 +410,29 @@ def main(argv=None):
         print(f"step {step:>6,}/{n_steps:,} | validation loss {val_loss:.4f}")
         return val_loss
 
-    def check_finite(done):
-        """Stop, keeping the last good checkpoint, if a loss or gradient was not finite."""
+    def check_finite():
+        """Stop, keeping the last good checkpoint, if a loss, gradient or update was not finite."""
         bad = int(stats["bad_step"])                      # a host sync: once per log or save
         if bad >= 0:
             lr_bad = float(optim.lr_at(bad, n_steps, lr, args.warmup))
             log(step=bad + 1, tokens=(bad + 1) * tokens_per_step, diverged=True, lr=lr_bad)
-            print(f"error: the run diverged: the loss or a gradient was not finite at step "
-                  f"{bad + 1:,} ({(bad + 1) * tokens_per_step:,} tokens seen, learning rate "
-                  f"{lr_bad:.3g}); {ckpt_path} keeps the last good state, from step "
-                  f"{saved_step:,}. Try a lower --lr.", file=sys.stderr)
+            print(f"error: the run diverged: the loss, a gradient or the parameters were not "
+                  f"finite at step {bad + 1:,} ({(bad + 1) * tokens_per_step:,} tokens seen, "
+                  f"learning rate {lr_bad:.3g}); {ckpt_path} keeps the last good state, from "
+                  f"step {saved_step:,}. Start a new run with a lower --lr (resuming would "
+                  "repeat this).", file=sys.stderr)
             sys.exit(3)
 
     def save_checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
-        meta = {"version": CKPT_VERSION, "args": vars(args), "step": done,
+        meta = {"version": CKPT_VERSION, "args": vars(args), "step": done, "n_steps": n_steps,
                 "tokens": done * tokens_per_step, "window_start": window_start,
-                "train_time": train_time, "elapsed_s": time.time() - t_start,
+                "window_s": time.time() - t_window, "train_time": train_time,
+                "elapsed_s": time.time() - t_start,
                 "val_loss": val_loss, "data_sha256": data_hash}
         save_arrays(ckpt_path, {**flatten("params", params), **flatten("opt_state", opt_state),
                                 "loss_sum": stats["loss_sum"], "key": jax.random.key_data(key),
                                 "meta": np.array(json.dumps(meta))})
-        return done
 
     # Ctrl-C lets the current step finish, then the loop stops and a checkpoint is written;
     # a second Ctrl-C aborts at once (the last checkpoint stays whole: it is written atomically).
@@ -410,15 +446,15 @@ def main(argv=None):
     # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
     crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
     if args.resume:    # the logging window and the clocks carry on from the checkpoint
-        window_start, train_time, t_start = (meta["window_start"], meta["train_time"],
-                                             time.time() - meta["elapsed_s"])
+        window_start, train_time = meta["window_start"], meta["train_time"]
         val_loss = meta["val_loss"]
-        saved_step = start
+        t_start, t_window = time.time() - meta["elapsed_s"], time.time() - meta["window_s"]
     else:
         window_start, train_time, t_start = 0, 0.0, time.time()
         val_loss = run_eval(0)
-        saved_step = save_checkpoint(0)    # so that a checkpoint exists from the first step on
-    t_window, done = time.time(), start
+        t_window = time.time()
+        save_checkpoint(0)                 # so that a checkpoint exists from the first step on
+    saved_step = done = start
     try:
         for step in range(start, n_steps):
             params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
@@ -426,7 +462,7 @@ def main(argv=None):
             done, tokens = step + 1, (step + 1) * tokens_per_step
             last = done == n_steps
             if crossed(tokens, args.log_tokens) or last:
-                check_finite(done)
+                check_finite()
                 train_loss = float(stats["loss_sum"]) / (done - window_start)  # host sync
                 dt = time.time() - t_window
                 train_time += dt
@@ -436,18 +472,19 @@ def main(argv=None):
                     tok_per_s=tok_per_s, elapsed_s=time.time() - t_start)
                 print(f"step {done:>6,}/{n_steps:,} | tokens {fmt_tokens(tokens):>6} | "
                       f"loss {train_loss:.4f} | lr {lr_now:.2e} | {tok_per_s:,.0f} tok/s | "
-                      f"eta {(n_steps - done) * train_time / (done - start) / 60:.1f} min")
+                      f"eta {(n_steps - done) * train_time / done / 60:.1f} min")
                 stats["loss_sum"], window_start = jnp.float32(0), done
                 t_window = time.time()
             if crossed(tokens, args.eval_tokens) or last:
-                check_finite(done)             # (this waits for the steps in flight as well)
+                check_finite()             # (this waits for the steps in flight as well)
                 t_eval = time.time()
                 val_loss = run_eval(done)
                 t_window += time.time() - t_eval
             if crossed(tokens, args.ckpt_tokens) or last or interrupted:
-                check_finite(done)
+                check_finite()
                 t_save = time.time()
-                saved_step = save_checkpoint(done)
+                save_checkpoint(done)
+                saved_step = done
                 t_window += time.time() - t_save
             if interrupted:
                 break
@@ -478,5 +515,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C before the loop started, or a second one inside it
-        print("interrupted; nothing was saved", file=sys.stderr)
+        print("interrupted before a new checkpoint was written; an earlier one, if any, is whole",
+              file=sys.stderr)
         sys.exit(130)
