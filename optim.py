@@ -199,7 +199,6 @@ def lr_at(step, n_steps, peak_lr, warmup_frac):
     return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))
 
 
-
 # -- the momentum toy problem (§8, the paper's Appendix B, Fig. 10) -----------------------------
 # Loss f(x, y) = x² + 10·y² from (−1, 1). A batch of size b, in units of the critical batch size,
 # gives the gradient g + σ·|g|·ε with σ = 1/√b and ε ~ N(0, 1), |g| taken per coordinate, as in
@@ -303,12 +302,6 @@ def toy_sweep(seeds=1000, seed=0):
     return rows
 
 
-def _momentum_gain(best):
-    """SGD's median final loss over the best momentum's, from one sweep row's {β: (loss, lr)}."""
-    momentum = min(loss for beta, (loss, _) in best.items() if beta > 0)
-    return best[0.0][0] / momentum if momentum > 0 else math.inf   # 0: underflowed (few seeds)
-
-
 def print_panels(paths):
     print(f"{'setting':<28} {'b':>5} {'steps':>5} {'lr':>6} {'β':>4}   "
           f"{'final loss: median [25%, 75%]':<32} steps to loss <= {TOY_THRESHOLD:g}: median")
@@ -321,12 +314,22 @@ def print_panels(paths):
               f"{f'{q50:.3g} [{q25:.3g}, {q75:.3g}]':<32} {reach}")
 
 
+def _best_momentum(best):
+    """The lowest median final loss of any β > 0, from one sweep row's {β: (loss, lr)}."""
+    return min(loss for beta, (loss, _) in best.items() if beta > 0)
+
+
+def _momentum_gain(best):
+    """SGD's median final loss over the best momentum's."""
+    momentum = _best_momentum(best)
+    return best[0.0][0] / momentum if momentum > 0 else math.inf   # 0: underflowed (few seeds)
+
+
 def _momentum_speedup(best):
     """How much faster the best momentum's loss fell, on a log scale: ln(its loss) / ln(SGD's).
     The loss falls about geometrically, so this is the ratio of the two convergence rates; it
     means nothing (None) until SGD's loss is below 1."""
-    sgd_loss = best[0.0][0]
-    momentum = min(loss for beta, (loss, _) in best.items() if beta > 0)
+    sgd_loss, momentum = best[0.0][0], _best_momentum(best)
     if not 0 < sgd_loss < 1 or momentum <= 0:
         return None
     return math.log(momentum) / math.log(sgd_loss)
@@ -371,9 +374,11 @@ def plot_toy(paths, rows, file):
                  fontsize=9)
     ax.legend(fontsize=8)
     ax = fig.add_subplot(grid[1, 2], sharex=ax)
-    ax.loglog(b, [_momentum_gain(row[2]) for row in rows], "o-", ms=3, color="k")
+    speedups = [_momentum_speedup(row[2]) for row in rows]
+    ax.semilogx(*zip(*[(bi, s) for bi, s in zip(b, speedups) if s is not None]), "o-", ms=3,
+                color="k")
     ax.axhline(1, color="0.6", lw=0.8)
-    ax.set_title("SGD's loss / the best momentum's (above 1: momentum helps)", fontsize=9)
+    ax.set_title("momentum's speed-up: ln(its loss) / ln(SGD's) (above 1: it helps)", fontsize=9)
     ax.set_xlabel("batch size b, in units of the critical batch size")
     fig.savefig(file, dpi=100)
 

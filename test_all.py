@@ -798,17 +798,22 @@ def test_toy_readme_table_is_what_the_code_prints(toy_panels, capsys):
 
 
 def test_toy_main_prints_both_tables(monkeypatch, capsys):
-    """`python optim.py` prints the four panels, then a sweep row per b with b × steps = 32 and
-    the ratio of SGD's loss to the best momentum's (two of the eleven b's here, to save time)."""
+    """`python optim.py` prints the four panels, then a sweep row per b with b × steps = 32, the
+    ratio of SGD's loss to the best momentum's and the speed-up ln(momentum's) / ln(SGD's), by
+    hand from the printed losses; the rows are those in the README (two of eleven, for time)."""
     monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])
     optim.main([])
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith(("large batch", "small batch")) for line in lines) == 4
     rows = [line.split() for line in lines[-2:]]
     assert [(row[0], row[1]) for row in rows] == [("2", "16"), ("0.125", "256")]
-    for row in rows:      # b, steps, then loss (lr) for β = 0, 0.4, 0.9, then the ratio
+    for row in rows:      # b, steps, loss (lr) for β = 0, 0.4, 0.9, the ratio, the speed-up
         losses = [float(row[i]) for i in (2, 4, 6)]
         assert float(row[8]) == pytest.approx(losses[0] / min(losses[1:]), rel=0.02)
+        assert float(row[9]) == pytest.approx(math.log(min(losses[1:])) / math.log(losses[0]),
+                                              rel=0.02)
+    readme = (HERE / "README.md").read_text().splitlines()
+    assert all(line in readme for line in lines[-2:])
 
 
 def test_toy_plot_writes_a_png(monkeypatch, tmp_path, capsys):
