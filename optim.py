@@ -383,6 +383,8 @@ def plot_toy(paths, rows, file):
     fig.savefig(file, dpi=100)
 
 
+# optim.py imports nothing from train.py (the imports are star-shaped), hence its own two-line
+# version of train.py's one-sentence errors.
 def _die(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

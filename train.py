@@ -246,29 +246,38 @@ def read_checkpoint(path, quiet=False):
     return arrays, meta
 
 
+def take_flags_from_checkpoint(args, given, saved):
+    """--resume: every flag comes from the checkpoint's; a typed one must agree with it, unless
+    it is one of MAY_CHANGE_ON_RESUME."""
+    for name, value in saved.items():
+        if name in ("out", "resume") or (name in given and name in MAY_CHANGE_ON_RESUME):
+            continue
+        if name in given and getattr(args, name) != value:
+            die(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                f"{value}; on resume only --tokens, --data, --log-tokens, --eval-tokens, "
+                "--ckpt-tokens and --sample may change.")
+        setattr(args, name, value)
+
+
+def refuse_to_overwrite(out, ckpt_path):
+    """A new run may reuse a finished run's folder, never one that can still be resumed."""
+    meta = read_checkpoint(ckpt_path, quiet=True)[1]
+    if meta and meta["step"] < meta["n_steps"]:
+        die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
+            "continue it with --resume, or pass another --out to start a new one.")
+
+
 def main(argv=None):
     args, given = parse_args(argv)
-    if not args.resume:
-        check_combinations(args)
     bf16 = f"-bf16-{args.rounding or 'stochastic'}" if args.param_dtype == "bfloat16" else ""
     out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{bf16}")
     ckpt_path = out / "ckpt.npz"
-    if not args.resume and ckpt_path.exists():   # never overwrite a run that can still go on
-        meta = read_checkpoint(ckpt_path, quiet=True)[1]
-        if meta and meta["step"] < meta["n_steps"]:
-            die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
-                f"continue it with --resume, or pass another --out to start a new one.")
-    if args.resume:   # the run's own flags come from its checkpoint; typed ones must agree
+    if args.resume:
         ckpt, meta = read_checkpoint(ckpt_path)
-        for name, saved in meta["args"].items():
-            if name in ("out", "resume") or (name in given and name in MAY_CHANGE_ON_RESUME):
-                continue
-            if name in given and getattr(args, name) != saved:
-                die(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the "
-                    f"checkpoint's {saved}; on resume only --tokens, --data, --log-tokens, "
-                    "--eval-tokens, --ckpt-tokens and --sample may change.")
-            setattr(args, name, saved)
-        check_combinations(args)
+        take_flags_from_checkpoint(args, given, meta["args"])
+    check_combinations(args)
+    if not args.resume:
+        refuse_to_overwrite(out, ckpt_path)
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
     dtype = jnp.dtype(args.param_dtype)
@@ -288,6 +297,7 @@ def main(argv=None):
     if start >= n_steps:
         die(f"the run in {out} has already trained {start:,} of its {n_steps:,} steps; pass a "
             "larger --tokens to train it further.")
+
     # -- derived settings, printed once ------------------------------------------------------
     lr = args.lr or DEFAULT_LR[args.opt]
     b1 = b2 = None                         # adafactor keeps no first moment, sgd no second
