@@ -1,6 +1,6 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
-    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # one to two minutes on a 2-core CPU
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about four minutes on a 2-core CPU
 """
 import os
 
