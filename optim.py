@@ -161,7 +161,7 @@ def apply_updates(params, updates, key=None, rounding="nearest"):
 
     rounding="nearest" rounds to the nearest value of that dtype; "stochastic" rounds bf16
     parameters with stochastic_round_bf16 and fresh random bits per leaf from `key` (fold the
-    step into it: a new key every step). float32 parameters are stored exactly either way.
+    step into it: a new key every step). float32 parameters keep the float32 sum either way.
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")

@@ -170,6 +170,7 @@ def fmt_tokens(n):
 
 
 def cast(params, dtype):
+    """The parameters stored in another dtype (bfloat16 for --param-dtype bfloat16)."""
     return {name: p.astype(dtype) for name, p in params.items()}
 
 
@@ -264,8 +265,8 @@ def take_flags_from_checkpoint(args, given, saved):
 
 def refuse_to_overwrite(out, ckpt_path):
     """A new run may reuse a finished run's folder, never one that can still be resumed."""
-    meta = read_checkpoint(ckpt_path, quiet=True)[1]
-    if meta and meta["step"] < meta["n_steps"]:
+    meta = read_checkpoint(ckpt_path, quiet=True)[1] or {}    # unreadable: nothing to keep
+    if meta.get("step", 0) < meta.get("n_steps", 0):
         die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
             "continue it with --resume, or pass another --out to start a new one.")
 
