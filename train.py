@@ -379,8 +379,8 @@ def main(argv=None):
         key = jax.random.key(args.seed)
         params = cast(model.init_params(jax.random.fold_in(key, 0), cfg), dtype)
         opt_state = opt.init(params)
-        # the training loss summed over the logging window, and the first step whose loss or
-        # gradient was not finite (-1: none); both stay on device until they are read
+        # the training loss summed over the logging window, and the first step whose loss was
+        # not finite (-1: none); both stay on device until they are read
         stats = {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
     round_key = jax.random.fold_in(key, 2)   # stochastic rounding: fold in the step, then the leaf
 
@@ -429,7 +429,7 @@ def main(argv=None):
 
     def check_finite(done):
         """Stop, keeping the last good checkpoint, if a loss or the parameters are not finite.
-        A non-finite gradient shows up in both: it makes the parameters, then the loss, so."""
+        A non-finite gradient is caught too: it makes the parameters non-finite, then the loss."""
         bad = int(stats["bad_step"])                      # a host sync: once per log or save
         if bad < 0 and not all_finite(params):
             bad = done - 1                                # went bad at this step at the latest
