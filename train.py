@@ -223,27 +223,30 @@ CKPT_META = {"version", "args", "step", "n_steps", "tokens", "window_start", "wi
              "train_time", "elapsed_s", "val_loss", "data_sha256"}
 
 
-def read_checkpoint(path, quiet=False):
-    """(arrays, meta) of a checkpoint written by main, or one sentence and exit status 2
-    (quiet: (None, None) instead, for a checkpoint that is only looked at)."""
-    if quiet and not path.exists():
-        return None, None
+# What a truncated, damaged or foreign checkpoint file raises when it is read.
+CKPT_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
+
+
+def load_checkpoint(path):
+    """(arrays, meta) of a checkpoint written by main; raises one of CKPT_ERRORS if it cannot."""
+    arrays = load_arrays(path)
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("version") == CKPT_VERSION and not (
+            CKPT_META <= set(meta) and {"key", "loss_sum"} <= set(arrays)):
+        raise KeyError("a field of the format is missing")
+    return arrays, meta
+
+
+def read_checkpoint(path):
+    """load_checkpoint for --resume: any problem is one sentence and exit status 2."""
     if not path.exists():
         die(f"there is no checkpoint {path} to resume from; run without --resume to start, or "
             "pass the --out of the run to continue.")
     try:
-        arrays = load_arrays(path)
-        meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("version") == CKPT_VERSION and not (
-                CKPT_META <= set(meta) and {"key", "loss_sum"} <= set(arrays)):
-            raise KeyError("a field of the format is missing")
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        if quiet:
-            return None, None
+        arrays, meta = load_checkpoint(path)
+    except CKPT_ERRORS as e:
         die(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); it cannot be "
             "resumed.")
-    if quiet:
-        return arrays, meta
     if meta.get("version") != CKPT_VERSION:
         die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
             f"version {CKPT_VERSION}.")
@@ -265,7 +268,10 @@ def take_flags_from_checkpoint(args, given, saved):
 
 def refuse_to_overwrite(out, ckpt_path):
     """A new run may reuse a finished run's folder, never one that can still be resumed."""
-    meta = read_checkpoint(ckpt_path, quiet=True)[1] or {}    # unreadable: nothing to keep
+    try:
+        meta = load_checkpoint(ckpt_path)[1]
+    except CKPT_ERRORS:                # none, or unreadable: nothing that could be resumed
+        return
     if meta.get("step", 0) < meta.get("n_steps", 0):
         die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
             "continue it with --resume, or pass another --out to start a new one.")
@@ -480,9 +486,13 @@ def main(argv=None):
             params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
                                                *batch(step))
             done, tokens = step + 1, (step + 1) * tokens_per_step
-            last = done == n_steps
-            if crossed(tokens, args.log_tokens) or last:
-                check_finite(done)
+            last, stop = done == n_steps, bool(interrupted)   # a later Ctrl-C: next step
+            log_now = crossed(tokens, args.log_tokens) or last
+            eval_now = crossed(tokens, args.eval_tokens) or last
+            save_now = crossed(tokens, args.ckpt_tokens) or last or stop
+            if log_now or eval_now or save_now:
+                check_finite(done)       # nothing bad is logged or saved; waits for the steps
+            if log_now:
                 train_loss = float(stats["loss_sum"]) / (done - window_start)  # host sync
                 dt = time.time() - t_window
                 train_time += dt
@@ -495,18 +505,16 @@ def main(argv=None):
                       f"eta {(n_steps - done) * train_time / done / 60:.1f} min")
                 stats["loss_sum"], window_start = jnp.float32(0), done
                 t_window = time.time()
-            if crossed(tokens, args.eval_tokens) or last:
-                check_finite(done)             # (this waits for the steps in flight as well)
+            if eval_now:
                 t_eval = time.time()
                 val_loss = run_eval(done)
                 t_window += time.time() - t_eval
-            if crossed(tokens, args.ckpt_tokens) or last or interrupted:
-                check_finite(done)
+            if save_now:
                 t_save = time.time()
                 save_checkpoint(done)
                 saved_step = done
                 t_window += time.time() - t_save
-            if interrupted:
+            if stop:
                 break
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -521,7 +529,7 @@ def main(argv=None):
                            "numpy": np.__version__}}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"saved {ckpt_path}, {out}/params.npz and {out}/config.json")
-    if interrupted:
+    if stop:                            # interrupted before the last step
         print(f"interrupted at step {done:,} of {n_steps:,}; to go on exactly from there: "
               f"python train.py --resume --out {out}", file=sys.stderr)
         sys.exit(130)
@@ -530,6 +538,7 @@ def main(argv=None):
         prompt = data.encode("\n")
         ids = model.generate(params, cfg, prompt, args.sample, jax.random.fold_in(key, 1))
         print(f"--- sample ({args.sample} tokens) ---\n{data.decode(ids)}")
+
 
 if __name__ == "__main__":
     try:
