@@ -123,6 +123,17 @@ def get_batch(train, step, batch, T, seed):
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def compact_vocab(train, val, V):
+    """The tokens renumbered into a vocabulary of V ids: the V - 1 most frequent training tokens
+    get ids 0 ... V - 2 by rank, and every other token shares id V - 1. The batch-size study's
+    CPU model uses it: the output layer is most of a small model's cost, and the shipped corpus
+    uses 12,031 of GPT-2's 50,257 tokens (the 4,095 most frequent make 95.5 % of it)."""
+    counts = np.bincount(train, minlength=EOT + 1)
+    table = np.full(EOT + 1, V - 1, np.uint16)
+    table[np.argsort(-counts, kind="stable")[:V - 1]] = np.arange(V - 1)
+    return table[train], table[val]
+
+
 def val_batches(val, T):
     """The whole validation split as inputs and targets [N, T]: every token is predicted once."""
     n = (len(val) - 1) // T

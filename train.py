@@ -39,7 +39,9 @@ DEFAULT_B1 = {"sgd": 0.0, "adam": 0.9}   # vanilla SGD has no momentum; Adam kee
 CKPT_VERSION = 1       # the layout of ckpt.npz; bump it when the layout changes
 # Flags that may change when resuming (the budget, where to log and save, the data file's path:
 # its tokens must be the same). Every other flag is taken from the checkpoint and must match it.
-MAY_CHANGE_ON_RESUME = {"tokens", "log_tokens", "eval_tokens", "ckpt_tokens", "sample", "data"}
+# --grad-accum may change too: it splits the same gradient differently (equal up to rounding).
+MAY_CHANGE_ON_RESUME = {"tokens", "log_tokens", "eval_tokens", "ckpt_tokens", "sample", "data",
+                        "grad_accum"}
 
 
 def die(message):
@@ -67,6 +69,9 @@ def make_parser():
     p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).")
     add = p.add_argument
     add("--batch", type=int, default=1, help="sequences per optimizer step, B (default 1)")
+    add("--grad-accum", type=int, default=1, help="compute each step's gradient as this many "
+        "micro-batches of B/K sequences, averaged in a float32 buffer (default 1: none; the "
+        "paper's point is that one device never needs it, §9)")
     add("--opt", choices=["sgd", "adam", "adafactor"], default="sgd",
         help="optimizer (default sgd, which without momentum keeps no state at all)")
     add("--lr", type=float, help="peak learning rate (default per optimizer: "
@@ -94,8 +99,8 @@ def make_parser():
         help="any UTF-8 text file (default: the shipped Shakespeare)")
     add("--seed", type=int, default=0,
         help="seeds the initialization, the data order and the rounding (default 0)")
-    add("--out", help="output folder (default out/<model>-<opt>-b<batch>, plus -bf16-<rounding> "
-        "for bf16 weights)")
+    add("--out", help="output folder (default out/<model>-<opt>-b<batch>, plus -accum<K> with "
+        "--grad-accum and -bf16-<rounding> for bf16 weights)")
     add("--log-tokens", type=count, default=16_384,
         help="log every this many tokens (default 16384)")
     add("--eval-tokens", type=count, default=100_000,
@@ -105,9 +110,19 @@ def make_parser():
         help="write <out>/ckpt.npz every this many tokens, at the end and on Ctrl-C (default "
         "100000; raise it on a GPU, where a checkpoint can take longer than 100k tokens)")
     add("--resume", action="store_true",
-        help="continue the run in --out from its checkpoint, exactly; only --tokens, --data and "
-        "the logging, checkpoint and sample flags may change")
+        help="continue the run in --out from its checkpoint, exactly; only --tokens, --data, "
+        "--grad-accum and the logging, checkpoint and sample flags may change")
     add("--sample", type=int, default=200, help="tokens to sample at the end (default 200)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--study", action="store_true", help="instead of one run, the batch-size "
+                      "study: a grid of batch sizes x optimizers x learning rates at an equal "
+                      "token budget (README; reads --model, --tokens, --data, --seed, --out)")
+    mode.add_argument("--find-batch", action="store_true", help="instead of training, time the "
+                      "step at B = 1, 2, 4, ... and recommend the smallest B within 10 %% of the "
+                      "best throughput (reads the model, optimizer and data flags)")
+    mode.add_argument("--memory", action="store_true", help="instead of training, print the "
+                      "bytes of weights, optimizer state and accumulation buffer of the large "
+                      "presets")
     return p
 
 
@@ -121,6 +136,7 @@ def parse_args(argv=None):
     # Ranges argparse cannot check: one sentence each, naming the flag and what is accepted.
     for flag, value, ok, accepted in [
         ("--batch", args.batch, args.batch >= 1, "a positive integer"),
+        ("--grad-accum", args.grad_accum, args.grad_accum >= 1, "a positive integer"),
         ("--lr", args.lr, args.lr is None or 0 < args.lr < math.inf, "a finite number > 0"),
         ("--b1", args.b1, args.b1 is None or 0 <= args.b1 < 1, "a number in [0, 1)"),
         ("--b2", args.b2, args.b2 is None or 0 <= args.b2 < 1, "a number in [0, 1)"),
@@ -152,6 +168,9 @@ def check_combinations(args):
             "float32 sum exactly.")
     if args.param_dtype == "bfloat16" and not args.rounding:
         args.rounding = "stochastic"       # the paper's recipe: nearest rounding stalls (§7)
+    if args.batch % args.grad_accum:
+        die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
+            "the K micro-batches holds B/K whole sequences, so K must divide B.")
     if args.opt != "adam" and args.weight_decay:
         die(f"--weight-decay applies to adam only; the paper uses none with {args.opt}.")
 
@@ -261,8 +280,8 @@ def take_flags_from_checkpoint(args, given, saved):
             continue
         if name in given and getattr(args, name) != value:
             die(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
-                f"{value}; on resume only --tokens, --data, --log-tokens, --eval-tokens, "
-                "--ckpt-tokens and --sample may change.")
+                f"{value}; on resume only --tokens, --data, --grad-accum, --log-tokens, "
+                "--eval-tokens, --ckpt-tokens and --sample may change.")
         setattr(args, name, value)
 
 
@@ -277,10 +296,100 @@ def refuse_to_overwrite(out, ckpt_path):
             "continue it with --resume, or pass another --out to start a new one.")
 
 
+def betas_for(args, tokens_per_step):
+    """(b1, b2) of a run: from the flags, or from half-lives in tokens at this step size (§2).
+    None where the optimizer keeps no such moment (adafactor: no first, sgd: no second)."""
+    b1 = b2 = None
+    if args.opt != "adafactor":
+        b1 = args.b1 if args.b1 is not None else DEFAULT_B1[args.opt]
+        if args.t1:
+            b1 = optim.beta_from_halflife(args.t1, tokens_per_step)
+    if args.opt != "sgd":                  # β2 from its half-life in tokens unless given (§2)
+        b2 = args.b2 if args.b2 is not None else optim.beta_from_halflife(
+            args.t2 or DEFAULT_T2, tokens_per_step)
+    return b1, b2
+
+
+def make_optimizer(name, b1, b2, weight_decay=0.0):
+    return {"sgd": lambda: optim.sgd(momentum=b1),
+            "adam": lambda: optim.adam(b1=b1, b2=b2, weight_decay=weight_decay),
+            "adafactor": lambda: optim.adafactor(b2=b2)}[name]()
+
+
+def accumulation_buffer(params):
+    """Gradient accumulation's extra memory: one float32 array per parameter (§9)."""
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+def gradients(params, x, y, cfg, grad_accum=1):
+    """(mean loss, gradient) of the batch x, y [B, T].
+
+    With grad_accum K > 1 the batch is split into K micro-batches of B/K sequences, run one after
+    another; their gradients are summed into accumulation_buffer and divided by K. The result is
+    the full batch's gradient (the loss is a mean over equal-sized parts), computed in K times
+    less activation memory, for a parameter-sized buffer and no other gain: the paper's §9 point.
+    """
+    if grad_accum == 1:
+        return jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
+    micro = lambda a: a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])  # [K, B/K, T]
+
+    def add_micro_batch(total, xy):
+        loss, g = jax.value_and_grad(model.loss_fn)(params, *xy, cfg)
+        return jax.tree.map(lambda total, g: total + g.astype(jnp.float32), total, g), loss
+
+    total, losses = jax.lax.scan(add_micro_batch, accumulation_buffer(params), (micro(x), micro(y)))
+    return losses.mean(), jax.tree.map(lambda g: g / grad_accum, total)
+
+
+def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None):
+    """The training step, a pure function to jit:
+    (params, opt_state, stats, step, x, y, peak_lr) -> (params, opt_state, stats).
+
+    stats = {"loss_sum": the training loss summed since the last log, "bad_step": the first step
+    whose loss was not finite, or -1}; both stay on device until they are read. peak_lr is an
+    argument, not a constant, so that the study can jax.vmap one step over several rates.
+    """
+    def train_step(params, opt_state, stats, step, x, y, peak_lr):
+        loss, grads = gradients(params, x, y, cfg, grad_accum)
+        lr = optim.lr_at(step, n_steps, peak_lr, warmup)
+        # grads come in the parameters' dtype; every optimizer computes in float32 (optim.py)
+        updates, opt_state = opt.update(grads, opt_state, params, lr)
+        # stochastic rounding (bf16 weights): fresh bits every step, from the run's own key
+        params = optim.apply_updates(params, updates, key if key is None else
+                                     jax.random.fold_in(key, step), rounding or "nearest")
+        # the loss is checked every step; a pass over all parameters costs 15 % of a CPU step
+        # here, so main checks them only before they are logged or saved
+        bad_step = jnp.where((stats["bad_step"] < 0) & ~jnp.isfinite(loss), step, stats["bad_step"])
+        return params, opt_state, {"loss_sum": stats["loss_sum"] + loss, "bad_step": bad_step}
+    return train_step
+
+
+def evaluate(params, x, y, cfg):
+    """Mean loss over all validation windows x, y [N, T], one window at a time (8 at a time
+    measured 2x slower on a 2-core CPU: the [8, T, V] logits make logsumexp memory-bound)."""
+    return jax.lax.map(lambda xy: model.loss_fn(params, xy[0][None], xy[1][None], cfg),
+                       (x, y)).mean()
+
+
 def main(argv=None):
     args, given = parse_args(argv)
+    for mode, reads in [("study", STUDY_FLAGS), ("find_batch", FIND_BATCH_FLAGS), ("memory", set())]:
+        if getattr(args, mode):
+            unread = sorted(given - reads - {mode})
+            if unread:
+                die(f"--{unread[0].replace('_', '-')} does not apply to --{mode.replace('_', '-')}"
+                    ", which reads " + (", ".join(f"--{f.replace('_', '-')}" for f in sorted(
+                        reads)) or "no other flag") + ".")
+            if mode == "study":
+                return study(args, given, "python train.py " + " ".join(
+                    sys.argv[1:] if argv is None else argv))
+            if mode == "find_batch":
+                check_combinations(args)
+                return find_batch(args)
+            return memory_table()
     bf16 = f"-bf16-{args.rounding or 'stochastic'}" if args.param_dtype == "bfloat16" else ""
-    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{bf16}")
+    accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}")
     ckpt_path = out / "ckpt.npz"
     if args.resume:
         ckpt, meta = read_checkpoint(ckpt_path)
@@ -310,21 +419,12 @@ def main(argv=None):
 
     # -- derived settings, printed once ------------------------------------------------------
     lr = args.lr or DEFAULT_LR[args.opt]
-    b1 = b2 = None                         # adafactor keeps no first moment, sgd no second
-    if args.opt != "adafactor":
-        b1 = args.b1 if args.b1 is not None else DEFAULT_B1[args.opt]
-        if args.t1:
-            b1 = optim.beta_from_halflife(args.t1, tokens_per_step)
-    if args.opt != "sgd":                  # β2 from its half-life in tokens unless given (§2)
-        b2 = args.b2 if args.b2 is not None else optim.beta_from_halflife(
-            args.t2 or DEFAULT_T2, tokens_per_step)
+    b1, b2 = betas_for(args, tokens_per_step)
     for flag, name, beta in [("--t1", "b1", b1), ("--t2", "b2", b2)]:
         if beta is not None and beta >= 1:   # 0.5 ** (B·T / t) rounds to 1 when t >> B·T
             die(f"{flag} is so long that {name} rounds to 1 at {tokens_per_step:,} tokens per "
                 "step, and the average would never move; give a shorter half-life.")
-    opt = {"sgd": lambda: optim.sgd(momentum=b1),
-           "adam": lambda: optim.adam(b1=b1, b2=b2, weight_decay=args.weight_decay),
-           "adafactor": lambda: optim.adafactor(b2=b2)}[args.opt]()
+    opt = make_optimizer(args.opt, b1, b2, args.weight_decay)
     betas = "".join(  # each β with its half-life in tokens, e.g. ", b2 0.999991 (half-life 10M)"
         f", {name} {beta:.6g} (half-life "
         f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
@@ -335,6 +435,7 @@ def main(argv=None):
     n_embed = shapes["embed"].size + shapes["unembed"].size
     state_shapes = jax.eval_shape(opt.init, shapes)
     state_bytes = nbytes(state_shapes)
+    accum_bytes = nbytes(jax.eval_shape(accumulation_buffer, shapes)) if args.grad_accum > 1 else 0
 
     # The output folder comes last: nothing is written before every check above has passed.
     def logged_by_checkpoint(line):    # a crash may have logged past the checkpoint, or cut
@@ -367,7 +468,9 @@ def main(argv=None):
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
     rounded = f", rounded {args.rounding}" if args.rounding else ""
     print(f"memory     parameters {nbytes(shapes):,} bytes ({args.param_dtype}, {dtype.itemsize} "
-          f"bytes each{rounded}), optimizer state {state_bytes:,} bytes (float32)")
+          f"bytes each{rounded}), optimizer state {state_bytes:,} bytes (float32)"
+          + (f", accumulation buffer {accum_bytes:,} bytes (float32; {args.grad_accum} "
+             f"micro-batches of {args.batch // args.grad_accum})" if accum_bytes else ""))
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step --------------------------------
@@ -388,26 +491,9 @@ def main(argv=None):
         # the training loss summed over the logging window, and the first step whose loss was
         # not finite (-1: none); both stay on device until they are read
         stats = {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
-    round_key = jax.random.fold_in(key, 2)   # stochastic rounding: fold in the step, then the leaf
-
-    def train_step(params, opt_state, stats, step, x, y):
-        loss, grads = jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
-        lr_now = optim.lr_at(step, n_steps, lr, args.warmup)
-        # grads come in the parameters' dtype; every optimizer computes in float32 (optim.py)
-        updates, opt_state = opt.update(grads, opt_state, params, lr_now)
-        params = optim.apply_updates(params, updates, jax.random.fold_in(round_key, step),
-                                     args.rounding or "nearest")
-        # the loss is checked every step; a pass over all parameters costs 15 % of a CPU step
-        # here, so check_finite below checks them only before they are logged or saved
-        bad_step = jnp.where((stats["bad_step"] < 0) & ~jnp.isfinite(loss), step, stats["bad_step"])
-        return params, opt_state, {"loss_sum": stats["loss_sum"] + loss, "bad_step": bad_step}
-
-    @jax.jit
-    def evaluate(params, x, y):
-        # mean loss over all validation windows, one window at a time (8 at a time measured
-        # 2x slower on a 2-core CPU: the [8, T, V] logits make logsumexp memory-bound)
-        return jax.lax.map(lambda xy: model.loss_fn(params, xy[0][None], xy[1][None], cfg),
-                           (x, y)).mean()
+    step_fn = make_train_step(cfg, opt, n_steps, args.warmup, args.grad_accum, args.rounding,
+                              key=jax.random.fold_in(key, 2))    # the rounding's random bits
+    evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
 
     val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
     # batches are addressed by step number, so a resumed run sees the data it would have seen
@@ -415,8 +501,9 @@ def main(argv=None):
     t0 = time.time()
     # compiled ahead of time, once: fixed shapes and the step number as an array mean the step
     # never recompiles; params, state and stats are donated, so they are updated in place
-    step_fn = jax.jit(train_step, donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, stats, np.int32(0), *batch(0)).compile()
+    peak_lr = jnp.float32(lr)
+    step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
+        params, opt_state, stats, np.int32(0), *batch(0), peak_lr).compile()
     print(f"compiled the train step in {time.time() - t0:.1f} s")
 
     log_file = open(out / "log.jsonl", "a")
@@ -425,7 +512,7 @@ def main(argv=None):
         log_file.flush()
 
     def run_eval(step):
-        val_loss = float(evaluate(params, val_x, val_y))
+        val_loss = float(evaluate_fn(params, val_x, val_y, cfg=cfg))
         log(step=step, tokens=step * tokens_per_step, val_loss=val_loss)
         print(f"step {step:>6,}/{n_steps:,} | validation loss {val_loss:.4f}")
         return val_loss
@@ -484,7 +571,7 @@ def main(argv=None):
     try:
         for step in range(start, n_steps):
             params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
-                                               *batch(step))
+                                               *batch(step), peak_lr)
             done, tokens = step + 1, (step + 1) * tokens_per_step
             last, stop = done == n_steps, bool(interrupted)   # a later Ctrl-C: next step
             log_now = crossed(tokens, args.log_tokens) or last
@@ -538,6 +625,372 @@ def main(argv=None):
         prompt = data.encode("\n")
         ids = model.generate(params, cfg, prompt, args.sample, jax.random.fold_in(key, 1))
         print(f"--- sample ({args.sample} tokens) ---\n{data.decode(ids)}")
+
+
+# -- the batch-size study: the paper's Fig. 1, 3 and 4 at classroom scale ----------------------
+# python train.py --study trains every (batch size, optimizer setting) cell of the grid below on
+# the same token budget, each at four peak learning rates a factor 2 apart, and writes
+# <out>/study.md, study.json and (with matplotlib) study.png. README, "The batch-size study".
+STUDY_MODEL = model.Config(V=4_096, D=64, L=2, H=1, T=32)   # about 30 min on a 2-core CPU
+STUDY_TOKENS = 204_800        # every run's budget: 6,400 steps at B = 1, 100 at B = 64
+STUDY_BATCHES = (1, 4, 16, 64)
+STUDY_LANES = 4               # learning rates per cell, trained at once (jax.vmap)
+STUDY_MAX_SHIFTS = 3          # a cell's grid moves at most this often to bracket its best rate
+# name: (optimizer, β2, the learning rates tried at B = 1). β2 "t2" holds the second moment's
+# half-life fixed in tokens (§2): the half-life β2 = 0.95 has at the largest batch, so that the
+# two adam rows start from the same large-batch setting and part as the batch shrinks.
+STUDY_SETTINGS = {
+    "sgd": ("sgd", None, (0.25, 0.5, 1.0, 2.0)),
+    "adam, t2 fixed": ("adam", "t2", (1e-3, 2e-3, 4e-3, 8e-3)),
+    "adam, b2 = 0.95": ("adam", 0.95, (2.5e-4, 5e-4, 1e-3, 2e-3)),
+    "adafactor": ("adafactor", "t2", (1e-2, 2e-2, 4e-2, 8e-2)),
+}
+SINGLE = " (single run)"      # the row name of the accumulation comparison's runs
+STUDY_FLAGS = {"model", "tokens", "data", "seed", "out"}   # the flags --study reads
+
+
+def train_lanes(cfg, opt, lrs, batch, n_steps, train, val, seed, grad_accum=1):
+    """Train one run per peak learning rate in lrs, in lockstep on the same batches from the same
+    initialization (jax.vmap over the rates); (final validation losses, seconds, step memory).
+
+    The step is main's, so a lane is exactly `python train.py` at that --lr, without logging.
+    Step memory is XLA's estimate of the compiled step's temporaries (activations and the like).
+    """
+    t0 = time.time()
+    key = jax.random.key(seed)
+    lanes = lambda tree: jax.tree.map(lambda a: jnp.repeat(a[None], len(lrs), axis=0), tree)
+    params = model.init_params(jax.random.fold_in(key, 0), cfg)     # main's initialization
+    params, opt_state = lanes(params), lanes(opt.init(params))
+    stats = lanes({"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)})
+    batch_at = lambda step: data.get_batch(train, step, batch, cfg.T, seed)
+    step_fn = jax.vmap(make_train_step(cfg, opt, n_steps, warmup=0.05, grad_accum=grad_accum),
+                       in_axes=(0, 0, 0, None, None, None, 0))      # lanes share step and batch
+    step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
+        params, opt_state, stats, np.int32(0), *batch_at(0), jnp.asarray(lrs, jnp.float32)).compile()
+    step_bytes = step_fn.memory_analysis().temp_size_in_bytes
+    for step in range(n_steps):
+        params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
+                                           *batch_at(step), jnp.asarray(lrs, jnp.float32))
+    val_xy = [jnp.asarray(a) for a in data.val_batches(val, cfg.T)]
+    losses = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)), static_argnums=3)(
+        params, *val_xy, cfg)
+    return [float(l) for l in losses], time.time() - t0, step_bytes
+
+
+def study_cell(run, grid):
+    """Train a cell's four rates, then move the grid a factor 2 at a time (training the one new
+    rate) while its best loss sits at an edge; the four rates around the best are reported.
+    run(lrs) -> losses. Returns (grid, {lr: loss} of every rate tried)."""
+    tried = dict(zip(grid, run(grid)))
+    for _ in range(STUDY_MAX_SHIFTS):
+        best = int(np.argmin([_loss_or_inf(tried[lr]) for lr in grid]))
+        if 0 < best < len(grid) - 1:
+            break
+        new = grid[0] / 2 if best == 0 else grid[-1] * 2
+        if new not in tried:
+            tried[new] = run([new])[0]
+        grid = sorted([new, *grid])[:-1] if best == 0 else sorted([*grid, new])[1:]
+    return grid, tried
+
+
+def _loss_or_inf(loss):
+    return math.inf if loss is None else loss      # None: diverged, never the best
+
+
+def fmt_loss(loss):
+    return "diverged" if loss is None else f"{loss:.3f}"
+
+
+def study_optimizer(setting, batch, cfg, t2):
+    """The optimizer of one study row at one batch size: β1 = 0.9 for adam (§2), none for sgd."""
+    name, b2, _ = STUDY_SETTINGS[setting]
+    if b2 == "t2":
+        b2 = optim.beta_from_halflife(t2, batch * cfg.T)
+    return make_optimizer(name, DEFAULT_B1.get(name), b2), b2
+
+
+def study(args, given, command):
+    """python train.py --study: the grid of STUDY_SETTINGS x STUDY_BATCHES at an equal budget."""
+    t_start = time.time()
+    cfg = model.PRESETS[args.model] if "model" in given else STUDY_MODEL
+    budget = args.tokens or STUDY_TOKENS
+    out = Path(args.out or "out/study")
+    try:
+        train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=max(STUDY_BATCHES))
+    except data.DataError as e:
+        die(str(e))
+    if cfg.V <= data.EOT:                       # the study's CPU model: a compact vocabulary
+        train_tokens, val_tokens = data.compact_vocab(train_tokens, val_tokens, cfg.V)
+    if budget < max(STUDY_BATCHES) * cfg.T:
+        die(f"--tokens {budget:,} is less than one step at batch {max(STUDY_BATCHES)} "
+            f"({max(STUDY_BATCHES) * cfg.T:,} tokens); the study needs at least that.")
+    t2 = optim.halflife_from_beta(0.95, max(STUDY_BATCHES) * cfg.T)
+    config = {"model": dataclasses.asdict(cfg), "tokens": budget, "batches": STUDY_BATCHES,
+              "settings": STUDY_SETTINGS, "t2": t2, "seed": args.seed, "warmup": 0.05,
+              "data": args.data, "data_sha256": hashlib.sha256(
+                  train_tokens.tobytes() + val_tokens.tobytes()).hexdigest()[:16]}
+    config = json.loads(json.dumps(config))     # tuples as lists, as they come back from a file
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        previous = json.loads((out / "study.json").read_text())
+    except OSError as e:
+        if not isinstance(e, FileNotFoundError):
+            die(f"--out {out} cannot be written ({e.strerror}).")
+        previous = {}
+    except ValueError:
+        previous = {}
+    # runs of an interrupted study with the same settings are reused, not trained again
+    runs = previous.get("runs", []) if previous.get("config") == config else []
+    done = {(r["setting"], r["batch"], r["grad_accum"], r["lr"]): r for r in runs}
+    # (a run's key: its row, batch, micro-batches and lr; the comparison's single runs have
+    # their own row name, as their wall time is one run's, not a share of STUDY_LANES')
+    result = {"command": command, "config": config, "runs": runs, "cells": {}, "accumulation": [],
+              "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+              "versions": {"python": platform.python_version(), "jax": jax.__version__}}
+
+    def save():
+        (out / "study.tmp.json").write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(out / "study.tmp.json", out / "study.json")   # whole, even on Ctrl-C
+
+    def train_runs(row, batch, lrs, grad_accum=1):
+        todo = [lr for lr in lrs if (row, batch, grad_accum, lr) not in done]
+        if todo:
+            opt, _ = study_optimizer(row.removesuffix(SINGLE), batch, cfg, t2)
+            losses, seconds, step_bytes = train_lanes(
+                cfg, opt, todo, batch, budget // (batch * cfg.T), train_tokens, val_tokens,
+                args.seed, grad_accum)
+            for lr, loss in zip(todo, losses):
+                done[row, batch, grad_accum, lr] = {
+                    "setting": row, "batch": batch, "grad_accum": grad_accum, "lr": lr,
+                    "val_loss": loss if math.isfinite(loss) else None,   # None: diverged
+                    "seconds": seconds, "lanes": len(todo), "step_temp_bytes": step_bytes}
+                runs.append(done[row, batch, grad_accum, lr])
+            save()
+        return [done[row, batch, grad_accum, lr]["val_loss"] for lr in lrs]
+
+    print(f"study      {len(STUDY_SETTINGS)} optimizer settings x batch sizes "
+          f"{', '.join(map(str, STUDY_BATCHES))}, {STUDY_LANES} learning rates each, "
+          f"{fmt_tokens(budget)} tokens per run")
+    print(f"model      {cfg} ({'compact vocabulary' if cfg.V <= data.EOT else 'GPT-2 vocabulary'}); "
+          f"t2 = {fmt_tokens(t2)} tokens; results in {out}/")
+    for setting, (_, _, first_grid) in STUDY_SETTINGS.items():
+        grid = list(first_grid)
+        result["cells"][setting] = cells = {}
+        for batch in STUDY_BATCHES:
+            t_cell = time.time()
+            grid, tried = study_cell(lambda lrs: train_runs(setting, batch, lrs), grid)
+            losses = [tried[lr] for lr in grid]
+            finite = [l for l in losses if l is not None]
+            best_lr = grid[int(np.argmin([_loss_or_inf(l) for l in losses]))]
+            cells[str(batch)] = {
+                "grid": grid, "losses": losses, "best_lr": best_lr, "best_loss": tried[best_lr],
+                "spread": max(finite) - min(finite) if finite else None,
+                "diverged": len(losses) - len(finite), "b2": study_optimizer(
+                    setting, batch, cfg, t2)[1], "tried": {str(lr): l for lr, l in tried.items()}}
+            save()
+            print(f"{setting:<16} B = {batch:<3} " + "  ".join(
+                f"lr {lr:g}: {fmt_loss(l)}" for lr, l in zip(grid, losses)) +
+                f"  | best {fmt_loss(tried[best_lr])} | {time.time() - t_cell:.0f} s, "
+                f"{(time.time() - t_start) / 60:.1f} min so far")
+            grid = [best_lr / 2, best_lr, best_lr * 2, best_lr * 4]   # the next, larger batch
+
+    # Gradient accumulation (§9): B = 1 against B = max at the same tokens, with and without
+    # accumulation down to micro-batches of 1, each at its own best rate from the grid above.
+    setting, big = "adam, t2 fixed", max(STUDY_BATCHES)
+    for batch, k in [(1, 1), (big, 1), (big, big)]:
+        lr = result["cells"][setting][str(batch)]["best_lr"]
+        loss = train_runs(setting + SINGLE, batch, [lr], grad_accum=k)[0]
+        r = done[setting + SINGLE, batch, k, lr]
+        opt, _ = study_optimizer(setting, batch, cfg, t2)
+        shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+        result["accumulation"].append({
+            "batch": batch, "grad_accum": k, "lr": lr, "val_loss": loss,
+            "steps": budget // (batch * cfg.T), "seconds": r["seconds"],
+            "params_bytes": nbytes(shapes), "opt_state_bytes": nbytes(jax.eval_shape(opt.init, shapes)),
+            "buffer_bytes": nbytes(jax.eval_shape(accumulation_buffer, shapes)) if k > 1 else 0,
+            "step_temp_bytes": r["step_temp_bytes"]})
+        print(f"accumulation  B = {batch} in {k} micro-batch{'es' * (k > 1)}: loss {fmt_loss(loss)}, "
+              f"{r['seconds']:.0f} s")
+    result["seconds"] = time.time() - t_start
+    save()
+    (out / "study.md").write_text(study_markdown(result))
+    print(study_markdown(result))
+    plot_study(result, out / "study.png")
+    print(f"wrote {out}/study.md and {out}/study.json in {result['seconds'] / 60:.1f} min")
+
+
+def study_markdown(result):
+    """The study's tables, from study.json's dict."""
+    c, cells = result["config"], result["cells"]
+    settings, batches = list(cells), list(next(iter(cells.values())))
+    head = ("| B | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings) + "\n")
+    best = "".join(f"| {b} | " + " | ".join(
+        f"{fmt_loss(cells[s][b]['best_loss'])} ({cells[s][b]['best_lr']:g})" for s in settings)
+        + " |\n" for b in batches)
+    spread = "".join(f"| {b} | " + " | ".join(
+        ("-" if cells[s][b]["spread"] is None else f"{cells[s][b]['spread']:.3f}")
+        + (f" ({cells[s][b]['diverged']} diverged)" if cells[s][b]["diverged"] else "")
+        for s in settings) + " |\n" for b in batches)
+    mb = lambda n: f"{n / 1e6:.2f} MB"
+    accum = "".join(
+        f"| `--batch {a['batch']}" + (f" --grad-accum {a['grad_accum']}`" if a["grad_accum"] > 1
+                                      else "`") + f" | {a['steps']:,} | {a['lr']:g} | "
+        f"{fmt_loss(a['val_loss'])} | {mb(a['params_bytes'])} | {mb(a['opt_state_bytes'])} | "
+        f"{mb(a['buffer_bytes'])} | "
+        f"{mb(a['params_bytes'] + a['opt_state_bytes'] + a['buffer_bytes'])} | "
+        f"{mb(a['step_temp_bytes'])} | {a['seconds']:.0f} s |\n" for a in result["accumulation"])
+    every = "".join(f"| {s} | {b} | " + ", ".join(
+        f"{float(lr):g}: {fmt_loss(l)}" for lr, l in sorted(
+            cells[s][b]["tried"].items(), key=lambda kv: float(kv[0]))) + " |\n"
+        for s in settings for b in batches)
+    m = c["model"]
+    return f"""# The batch-size study
+
+`{result['command']}` on {result['device']}, JAX {result['versions']['jax']}: \
+{result['seconds'] / 60:.1f} min. Model V={m['V']} D={m['D']} L={m['L']} H={m['H']} T={m['T']}; \
+every run trains {c['tokens']:,} tokens (warmup {c['warmup']:g}, then cosine to 0) and is scored \
+by its final validation loss. Adam's β1 = 0.9; "t2 fixed" sets β2 from a half-life of \
+{c['t2']:,.0f} tokens, the half-life of β2 = 0.95 at B = {max(c['batches'])}.
+
+Best final validation loss over each cell's learning rates (the best peak lr in brackets):
+
+{head}{best}
+Spread: the worst minus the best loss over the four learning rates, a factor 2 apart, around the \
+best (a smaller spread: less sensitive to the learning rate):
+
+{head}{spread}
+Gradient accumulation: adam with t2 fixed, each run at its batch size's best lr from the grid. \
+Held: parameters + optimizer state + accumulation buffer. Step temporaries: XLA's memory analysis \
+of the compiled step (activations and other scratch).
+
+| run | optimizer steps | lr | loss | parameters | optimizer state | accumulation buffer | held | step temporaries | wall time |
+|---|---|---|---|---|---|---|---|---|---|
+{accum}
+Every run, peak lr: final validation loss:
+
+| setting | B | runs |
+|---|---|---|
+{every}"""
+
+
+def plot_study(result, path):
+    """Loss against learning rate, one panel per optimizer setting and one line per batch size;
+    skipped, with a note, when matplotlib is not installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (python -m pip install matplotlib)")
+        return
+    cells = result["cells"]
+    fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.4), sharey=True)
+    best = min(c["best_loss"] for cell in cells.values() for c in cell.values()
+               if c["best_loss"] is not None)
+    for ax, (setting, cell) in zip(np.atleast_1d(axes), cells.items()):
+        for batch, c in cell.items():
+            lrs = sorted(c["tried"], key=float)
+            ax.plot([float(lr) for lr in lrs], [math.nan if c["tried"][lr] is None
+                                                else c["tried"][lr] for lr in lrs],
+                    "o-", label=f"B = {batch}")
+        ax.set(xscale="log", title=setting, xlabel="peak learning rate", ylim=(best - 0.1,
+                                                                                best + 1.5))
+    np.atleast_1d(axes)[0].set_ylabel("final validation loss")
+    np.atleast_1d(axes)[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+# -- memory and the right batch size (§9, §10) --------------------------------------------------
+MEMORY_PRESETS = ("30m", "gpt2", "gpt3xl")
+FIND_BATCH_FLAGS = {"model", "opt", "lr", "b1", "t1", "b2", "t2", "param_dtype", "rounding",
+                    "weight_decay", "data", "seed"}
+
+
+def memory_table():
+    """python train.py --memory: bytes held by the parameters, each optimizer's state and the
+    accumulation buffer, from the pytrees the code builds (jax.eval_shape allocates nothing)."""
+    def gb(tree):
+        n = nbytes(tree)
+        return next(f"{n / scale:.3g} {unit}" for scale, unit in
+                    [(1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes")] if n >= scale or scale == 1)
+    print("| model | parameters | dtype | weights | sgd state | adam state | adafactor state "
+          "| accumulation buffer |\n|---|---|---|---|---|---|---|---|")
+    for name in MEMORY_PRESETS:
+        cfg = model.PRESETS[name]
+        for dtype in ("float32", "bfloat16"):
+            shapes = jax.eval_shape(lambda: cast(model.init_params(jax.random.key(0), cfg), dtype))
+            state = {opt: jax.eval_shape(make_optimizer(opt, DEFAULT_B1.get(opt), 0.999).init,
+                                         shapes) for opt in ("sgd", "adam", "adafactor")}
+            n = sum(x.size for x in jax.tree.leaves(shapes))
+            print(f"| {name} | {n / 1e6:,.1f}M | {dtype} | {gb(shapes)} | " + " | ".join(
+                gb(s) for s in state.values()) + f" | "
+                f"{gb(jax.eval_shape(accumulation_buffer, shapes))} |")
+
+
+def find_batch(args):
+    """python train.py --find-batch: time the train step at B = 1, 2, 4, ... on this device until
+    throughput stops rising, and recommend the smallest B within 10 % of the best (§10, §11)."""
+    cfg, dtype = model.PRESETS[args.model], jnp.dtype(args.param_dtype)
+    try:
+        train_tokens, _ = data.load(args.data, T=cfg.T, batch=1)
+    except data.DataError as e:
+        die(str(e))
+    key = jax.random.key(args.seed)
+    device = jax.devices()[0]
+    print(f"find-batch {args.model} ({cfg}), {args.opt}, {args.param_dtype} weights, on "
+          f"{device.device_kind} ({jax.default_backend()}); each B: compile, one step, then "
+          "1 s or more of steps")
+    print(f"{'B':>6} {'tokens/step':>12} {'ms/step':>9} {'tokens/s':>10}  memory")
+    rows, batch = [], 1
+    while batch <= data.n_windows(train_tokens, cfg.T):
+        b1, b2 = betas_for(args, batch * cfg.T)
+        opt = make_optimizer(args.opt, b1, b2, args.weight_decay)
+        params = cast(model.init_params(jax.random.fold_in(key, 0), cfg), dtype)
+        state = opt.init(params)
+        stats = {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
+        lr = jnp.float32(args.lr or DEFAULT_LR[args.opt])
+        x, y = data.get_batch(train_tokens, 0, batch, cfg.T, args.seed)
+        step_fn = make_train_step(cfg, opt, n_steps=1_000, warmup=0.05,
+                                  rounding=args.rounding, key=jax.random.fold_in(key, 2))
+        try:
+            step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
+                params, state, stats, np.int32(0), x, y, lr).compile()
+            params, state, stats = jax.block_until_ready(step_fn(params, state, stats,
+                                                                 np.int32(0), x, y, lr))
+            t0 = time.time()       # a step with a host sync, to size the timed run
+            params, state, stats = jax.block_until_ready(step_fn(params, state, stats,
+                                                                 np.int32(1), x, y, lr))
+            n = max(3, math.ceil(1.0 / (time.time() - t0)))
+            t0 = time.time()
+            for step in range(2, n + 2):   # the same batch: timing only, no host sync inside
+                params, state, stats = step_fn(params, state, stats, np.int32(step), x, y, lr)
+            jax.block_until_ready(params)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{batch:>6} out of device memory")
+            break
+        seconds = (time.time() - t0) / n
+        stats = device.memory_stats()      # None on CPU: then XLA's estimate for the step
+        memory = (f"{stats['peak_bytes_in_use'] / 1e9:.2f} GB peak on the device so far"
+                  if stats and "peak_bytes_in_use" in stats else
+                  f"{step_fn.memory_analysis().temp_size_in_bytes / 1e9:.3f} GB of step "
+                  "temporaries (XLA's estimate)")
+        rows.append((batch, batch * cfg.T / seconds))
+        print(f"{batch:>6} {batch * cfg.T:>12,} {seconds * 1e3:>9.1f} {rows[-1][1]:>10,.0f}  {memory}")
+        best = max(tok_s for _, tok_s in rows)
+        # stop once two doublings in a row gained less than 5 % over the best so far
+        if len(rows) >= 3 and max(rows[-1][1], rows[-2][1]) < 1.05 * max(
+                tok_s for _, tok_s in rows[:-2]):
+            break
+        batch *= 2
+    best = max(tok_s for _, tok_s in rows)
+    pick = min(b for b, tok_s in rows if tok_s >= 0.9 * best)
+    print(f"recommended: --batch {pick}, the smallest batch within 10 % of the best throughput "
+          f"({best:,.0f} tokens/s): the paper's rule, §10")
+    return pick
 
 
 if __name__ == "__main__":
