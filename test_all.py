@@ -531,6 +531,10 @@ def test_token_counts_read_like_people_write_them():
     (["--seed", str(2 ** 63)], "--seed must be an integer in [0, 2^63)"),
     (["--resume"], "there is no checkpoint /dev/null/never-written/ckpt.npz to resume from"),
     (["--tokens", "1k", "--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
+    (["--batch", "6", "--grad-accum", "4"], "--batch 6 is not divisible by --grad-accum 4"),
+    (["--grad-accum", "0"], "--grad-accum must be a positive integer"),
+    (["--study", "--batch", "4"], "--batch does not apply to --study, which reads --data, "),
+    (["--study", "--memory"], "not allowed with argument --study"),
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     """Each mistake a user can make on the command line exits 2 with one line naming the flag."""
@@ -539,6 +543,18 @@ def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--find-batch", "--tokens", "1M"], "--tokens does not apply to --find-batch, which reads "),
+    (["--find-batch", "--out", "x"], "--out does not apply to --find-batch"),
+    (["--memory", "--opt", "adam"], "--opt does not apply to --memory, which reads no other flag."),
+])
+def test_modes_refuse_flags_they_do_not_read(argv, message, capsys):
+    """--find-batch and --memory name the first flag they would ignore, and exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_command_line_error_has_no_traceback():
@@ -846,3 +862,157 @@ def test_toy_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+# -- gradient accumulation, the batch-size study, memory and throughput (§9, §10) ---------------
+
+@pytest.mark.parametrize("grad_accum", [2, 4])
+def test_accumulated_gradient_equals_the_full_batch_gradient(grad_accum):
+    """K micro-batches of B/K, summed in float32 and divided by K, give jax.grad of the whole
+    batch's mean loss (and its loss) to float32 tolerance."""
+    params = model.init_params(jax.random.key(0), SMALL)
+    x = jax.random.randint(jax.random.key(1), (4, SMALL.T + 1), 0, SMALL.V)
+    x, y = x[:, :-1], x[:, 1:]
+    loss, grads = jax.jit(train.gradients, static_argnums=(3, 4))(params, x, y, SMALL, grad_accum)
+    want_loss, want = jax.value_and_grad(model.loss_fn)(params, x, y, SMALL)
+    assert abs(float(loss) - float(want_loss)) < 1e-5
+    for k in params:
+        assert grads[k].dtype == jnp.float32
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_a_run_with_accumulation_ends_with_the_same_parameters(tmp_path, capsys):
+    """SGD at --batch 4 for 12 steps, then again with --grad-accum 4: the same losses and final
+    parameters to float32 tolerance; the second reports its float32 buffer, 4 bytes a parameter.
+    (SGD, because Adam turns a gradient entry near 0 into a step of ±lr whatever its size, so the
+    last-bit differences of summing in another order can flip a few such steps.)"""
+    flags = ["--opt", "sgd", "--batch", "4", "--data", str(small_corpus(tmp_path)),
+             "--tokens", "6144", "--sample", "0"]
+    train.main(flags + ["--out", str(tmp_path / "plain")])
+    capsys.readouterr()
+    train.main(flags + ["--grad-accum", "4", "--out", str(tmp_path / "accum")])
+    printed = capsys.readouterr().out
+    n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
+    assert f"accumulation buffer {4 * n_params:,} bytes (float32; 4 micro-batches of 1)" in printed
+    plain, accum = (np.load(tmp_path / run / "params.npz") for run in ("plain", "accum"))
+    for k in plain.files:
+        np.testing.assert_allclose(accum[k], plain[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    losses = [[e["val_loss"] for e in events(tmp_path / run) if "val_loss" in e]
+              for run in ("plain", "accum")]
+    np.testing.assert_allclose(losses[0], losses[1], atol=1e-4)
+
+
+def test_compact_vocab_keeps_the_most_frequent_tokens_by_rank():
+    """compact_vocab gives the V - 1 most frequent training tokens ids by rank and every other
+    token (rarer, or seen only in validation) the shared id V - 1."""
+    train_ids = np.array([7, 7, 7, 3, 3, 9, 50_000], np.uint16)
+    val_ids = np.array([3, 9, 7, 11], np.uint16)
+    got_train, got_val = data.compact_vocab(train_ids, val_ids, V=3)
+    assert got_train.tolist() == [0, 0, 0, 1, 1, 2, 2]       # 7 -> 0, 3 -> 1, the rest -> 2
+    assert got_val.tolist() == [1, 2, 0, 2]
+
+
+def test_study_cell_moves_its_grid_until_the_best_is_inside():
+    """A cell whose loss is least at lr = 16 (a parabola in log2 lr), started at lrs 1 ... 8, moves
+    its grid up a factor 2 at a time, training one new rate each time, until 16 is inside."""
+    trained = []
+    def run(lrs):
+        trained.append(list(lrs))
+        return [(math.log2(lr) - 4) ** 2 for lr in lrs]
+    grid, tried = train.study_cell(run, [1.0, 2.0, 4.0, 8.0])
+    assert grid == [4.0, 8.0, 16.0, 32.0]
+    assert trained == [[1.0, 2.0, 4.0, 8.0], [16.0], [32.0]]
+    assert tried[16.0] == 0 and len(tried) == 6
+
+
+def test_study_cell_never_picks_a_diverged_run():
+    """A diverged run (None) is never the best, and the grid moves away from it."""
+    losses = {0.5: 3.0, 1.0: 2.5, 2.0: 2.2, 4.0: None, 0.25: 3.5}
+    grid, _ = train.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
+    assert grid == [0.5, 1.0, 2.0, 4.0]                       # 2.0 is inside: nothing to move
+
+
+def test_vmapped_learning_rates_equal_separate_runs():
+    """train_lanes trains its rates together (jax.vmap); each lane ends where a run of that rate
+    alone ends, to float32 tolerance."""
+    tokens = data.load_tokens(data.DEFAULT_TEXT)[:40_000]
+    train_ids, val_ids = data.compact_vocab(*data.split(tokens), V=SMALL.V)
+    args = dict(cfg=SMALL, opt=optim.adam(b2=0.99), batch=2, n_steps=20, train=train_ids,
+                val=val_ids[:2_000], seed=0)
+    together, _, _ = train.train_lanes(lrs=[3e-3, 1e-2], **args)
+    alone = [train.train_lanes(lrs=[lr], **args)[0][0] for lr in (3e-3, 1e-2)]
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+    assert together[1] < together[0] < math.log(SMALL.V) + 0.5
+
+
+def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
+    """A small study (2 settings x B = 1, 4) writes study.json and study.md: four rates a factor 2
+    apart per cell with the best inside, the spread over them, and the accumulation rows, whose
+    B = 4 in 4 micro-batches matches B = 4 and holds one more float32 copy of the parameters.
+    Run again with the same settings, it trains nothing and writes the same tables."""
+    monkeypatch.setattr(train, "STUDY_MODEL", SMALL)
+    monkeypatch.setattr(train, "STUDY_TOKENS", 1_024)
+    monkeypatch.setattr(train, "STUDY_BATCHES", (1, 4))
+    monkeypatch.setattr(train, "STUDY_SETTINGS", {
+        "sgd": ("sgd", None, (0.25, 0.5, 1.0, 2.0)),
+        "adam, t2 fixed": ("adam", "t2", (1e-3, 2e-3, 4e-3, 8e-3))})
+    argv = ["--study", "--data", str(small_corpus(tmp_path)), "--out", str(tmp_path / "study")]
+    train.main(argv)
+    result = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert result["config"]["t2"] == pytest.approx(4 * 16 * math.log(0.5) / math.log(0.95))
+    for setting, cells in result["cells"].items():
+        for batch, c in cells.items():
+            assert [b / a for a, b in zip(c["grid"], c["grid"][1:])] == [2, 2, 2]
+            assert c["best_loss"] == min(c["losses"]) == c["tried"][str(c["best_lr"])]
+            assert c["spread"] == pytest.approx(max(c["losses"]) - min(c["losses"]))
+            assert 0 < c["grid"].index(c["best_lr"]) < 3 or len(c["tried"]) == 4 + 3
+    b1, b4, b4_accum = result["accumulation"]
+    assert (b1["batch"], b4["batch"], b4_accum["grad_accum"]) == (1, 4, 4)
+    assert b4_accum["val_loss"] == pytest.approx(b4["val_loss"], abs=1e-4)
+    assert b4_accum["buffer_bytes"] == b4["params_bytes"] and b4["buffer_bytes"] == 0
+    assert b1["steps"] == 1_024 // 16 and b4["steps"] == b4_accum["steps"] == 1_024 // 64
+    markdown = (tmp_path / "study" / "study.md").read_text()
+    assert "| 1 | " in markdown and "`--batch 4 --grad-accum 4`" in markdown
+    monkeypatch.setattr(train, "train_lanes", lambda *a, **k: pytest.fail("trained again"))
+    train.main(argv)
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"] == result["cells"]
+
+
+def test_memory_rows_match_a_count_by_hand():
+    """--memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32 weight, 2 a
+    bf16 one; adam holds m and v (8 bytes a parameter) plus its step; adafactor one row and one
+    column mean per matrix plus its step; the accumulation buffer 4 bytes a parameter."""
+    cfg = model.PRESETS["30m"]
+    matrices = [(cfg.V, cfg.D), (cfg.D, cfg.V)] + cfg.L * [(cfg.D, cfg.D)] * 4 + cfg.L * [
+        (cfg.D, 4 * cfg.D), (4 * cfg.D, cfg.D)]
+    n = sum(r * c for r, c in matrices)
+    rows = {r["dtype"]: r for r in train.memory_rows() if r["model"] == "30m"}
+    assert rows["float32"]["params"] == n and rows["float32"]["weights"] == 4 * n
+    assert rows["bfloat16"]["weights"] == 2 * n
+    for r in rows.values():
+        assert r["sgd state"] == 0 and r["adam state"] == 8 * n + 4
+        assert r["adafactor state"] == 4 * sum(r + c for r, c in matrices) + 4
+        assert r["accumulation buffer"] == 4 * n
+
+
+def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_percent():
+    """The rule, on hand-made timings: stop after two doublings without 5 % over the best before
+    them; pick the smallest B within 10 % of the best tokens/s."""
+    assert not train.throughput_stopped_rising([100, 190, 300])
+    assert not train.throughput_stopped_rising([100, 190, 300, 310])   # one flat doubling
+    assert train.throughput_stopped_rising([100, 190, 300, 310, 312])
+    assert train.pick_batch([(1, 100), (2, 190), (4, 300), (8, 310), (16, 312)]) == 4
+    assert train.pick_batch([(1, 100), (2, 95), (4, 80)]) == 1
+
+
+def test_find_batch_runs_on_this_device(monkeypatch, capsys):
+    """--find-batch times the real step at B = 1, 2, 4, ..., prints tokens/s per B and recommends
+    one of the batch sizes it timed."""
+    monkeypatch.setitem(model.PRESETS, "tiny", SMALL)
+    monkeypatch.setattr(train, "throughput_stopped_rising", lambda tok_s: len(tok_s) == 3)
+    pick = train.main(["--find-batch", "--opt", "adafactor"])
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^ +(\d+) +(\d+) +[\d.]+ +([\d,]+)  ", printed, re.M)
+    assert [int(b) for b, _, _ in rows] == [1, 2, 4]
+    assert [int(t) for _, t, _ in rows] == [16, 32, 64]              # B x T tokens per step
+    assert f"recommended: --batch {pick}," in printed and pick in (1, 2, 4)

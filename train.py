@@ -642,7 +642,7 @@ STUDY_MAX_SHIFTS = 3          # a cell's grid moves at most this often to bracke
 STUDY_SETTINGS = {
     "sgd": ("sgd", None, (0.25, 0.5, 1.0, 2.0)),
     "adam, t2 fixed": ("adam", "t2", (1e-3, 2e-3, 4e-3, 8e-3)),
-    "adam, b2 = 0.95": ("adam", 0.95, (2.5e-4, 5e-4, 1e-3, 2e-3)),
+    "adam, b2 = 0.95": ("adam", 0.95, (5e-4, 1e-3, 2e-3, 4e-3)),
     "adafactor": ("adafactor", "t2", (1e-2, 2e-2, 4e-2, 8e-2)),
 }
 SINGLE = " (single run)"      # the row name of the accumulation comparison's runs
@@ -665,12 +665,13 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train, val, seed, grad_accum=1):
     batch_at = lambda step: data.get_batch(train, step, batch, cfg.T, seed)
     step_fn = jax.vmap(make_train_step(cfg, opt, n_steps, warmup=0.05, grad_accum=grad_accum),
                        in_axes=(0, 0, 0, None, None, None, 0))      # lanes share step and batch
+    lrs = jnp.asarray(lrs, jnp.float32)
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, stats, np.int32(0), *batch_at(0), jnp.asarray(lrs, jnp.float32)).compile()
+        params, opt_state, stats, np.int32(0), *batch_at(0), lrs).compile()
     step_bytes = step_fn.memory_analysis().temp_size_in_bytes
     for step in range(n_steps):
         params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
-                                           *batch_at(step), jnp.asarray(lrs, jnp.float32))
+                                           *batch_at(step), lrs)
     val_xy = [jnp.asarray(a) for a in data.val_batches(val, cfg.T)]
     losses = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)), static_argnums=3)(
         params, *val_xy, cfg)
@@ -721,13 +722,15 @@ def study(args, given, command):
         die(str(e))
     if cfg.V <= data.EOT:                       # the study's CPU model: a compact vocabulary
         train_tokens, val_tokens = data.compact_vocab(train_tokens, val_tokens, cfg.V)
-    if budget < max(STUDY_BATCHES) * cfg.T:
+    big_step = max(STUDY_BATCHES) * cfg.T       # every batch size divides the largest, so
+    if budget < big_step:                       # a multiple of its step is the same for all
         die(f"--tokens {budget:,} is less than one step at batch {max(STUDY_BATCHES)} "
-            f"({max(STUDY_BATCHES) * cfg.T:,} tokens); the study needs at least that.")
+            f"({big_step:,} tokens); the study needs at least that.")
+    budget -= budget % big_step
     t2 = optim.halflife_from_beta(0.95, max(STUDY_BATCHES) * cfg.T)
     config = {"model": dataclasses.asdict(cfg), "tokens": budget, "batches": STUDY_BATCHES,
               "settings": STUDY_SETTINGS, "t2": t2, "seed": args.seed, "warmup": 0.05,
-              "data": args.data, "data_sha256": hashlib.sha256(
+              "data_sha256": hashlib.sha256(
                   train_tokens.tobytes() + val_tokens.tobytes()).hexdigest()[:16]}
     config = json.loads(json.dumps(config))     # tuples as lists, as they come back from a file
     try:
@@ -744,8 +747,10 @@ def study(args, given, command):
     done = {(r["setting"], r["batch"], r["grad_accum"], r["lr"]): r for r in runs}
     # (a run's key: its row, batch, micro-batches and lr; the comparison's single runs have
     # their own row name, as their wall time is one run's, not a share of STUDY_LANES')
-    result = {"command": command, "config": config, "runs": runs, "cells": {}, "accumulation": [],
-              "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+    result = {"command": command, "config": config, "runs": runs, "reused": len(runs),
+              "cells": {}, "accumulation": [],
+              "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, "
+                        f"{os.cpu_count()} CPU cores)",
               "versions": {"python": platform.python_version(), "jax": jax.__version__}}
 
     def save():
@@ -844,10 +849,15 @@ def study_markdown(result):
             cells[s][b]["tried"].items(), key=lambda kv: float(kv[0]))) + " |\n"
         for s in settings for b in batches)
     m = c["model"]
+    vocab = (f" (the {m['V'] - 1:,} most frequent training tokens and one id for all others)"
+             if m["V"] <= data.EOT else "")
+    reused = (f" ({result['reused']} of {len(result['runs'])} runs reused from an earlier, "
+              "interrupted invocation)") if result["reused"] else ""
     return f"""# The batch-size study
 
 `{result['command']}` on {result['device']}, JAX {result['versions']['jax']}: \
-{result['seconds'] / 60:.1f} min. Model V={m['V']} D={m['D']} L={m['L']} H={m['H']} T={m['T']}; \
+{result['seconds'] / 60:.1f} min{reused}. Model V={m['V']}{vocab} D={m['D']} L={m['L']} H={m['H']} \
+T={m['T']}; \
 every run trains {c['tokens']:,} tokens (warmup {c['warmup']:g}, then cosine to 0) and is scored \
 by its final validation loss. Adam's β1 = 0.9; "t2 fixed" sets β2 from a half-life of \
 {c['t2']:,.0f} tokens, the half-life of β2 = 0.95 at B = {max(c['batches'])}.
@@ -908,25 +918,49 @@ FIND_BATCH_FLAGS = {"model", "opt", "lr", "b1", "t1", "b2", "t2", "param_dtype",
                     "weight_decay", "data", "seed"}
 
 
-def memory_table():
-    """python train.py --memory: bytes held by the parameters, each optimizer's state and the
-    accumulation buffer, from the pytrees the code builds (jax.eval_shape allocates nothing)."""
-    def gb(tree):
-        n = nbytes(tree)
-        return next(f"{n / scale:.3g} {unit}" for scale, unit in
-                    [(1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes")] if n >= scale or scale == 1)
-    print("| model | parameters | dtype | weights | sgd state | adam state | adafactor state "
-          "| accumulation buffer |\n|---|---|---|---|---|---|---|---|")
+def memory_rows():
+    """Bytes held by the weights, each optimizer's state and the accumulation buffer of the large
+    presets, from the pytrees the code builds (jax.eval_shape allocates nothing): one dict per
+    (preset, weight dtype). Optimizer state and the buffer are float32 whatever the weights."""
+    rows = []
     for name in MEMORY_PRESETS:
         cfg = model.PRESETS[name]
         for dtype in ("float32", "bfloat16"):
             shapes = jax.eval_shape(lambda: cast(model.init_params(jax.random.key(0), cfg), dtype))
-            state = {opt: jax.eval_shape(make_optimizer(opt, DEFAULT_B1.get(opt), 0.999).init,
-                                         shapes) for opt in ("sgd", "adam", "adafactor")}
-            n = sum(x.size for x in jax.tree.leaves(shapes))
-            print(f"| {name} | {n / 1e6:,.1f}M | {dtype} | {gb(shapes)} | " + " | ".join(
-                gb(s) for s in state.values()) + f" | "
-                f"{gb(jax.eval_shape(accumulation_buffer, shapes))} |")
+            rows.append({"model": name, "dtype": dtype, "params": sum(
+                x.size for x in jax.tree.leaves(shapes)), "weights": nbytes(shapes), **{
+                f"{opt} state": nbytes(jax.eval_shape(make_optimizer(
+                    opt, DEFAULT_B1.get(opt), 0.999).init, shapes))
+                for opt in ("sgd", "adam", "adafactor")},
+                "accumulation buffer": nbytes(jax.eval_shape(accumulation_buffer, shapes))})
+    return rows
+
+
+def fmt_bytes(n):
+    return next(f"{n / scale:.3g} {unit}" for scale, unit in
+                [(1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "bytes")] if n >= scale or scale == 1)
+
+
+def memory_table():
+    """python train.py --memory: memory_rows as a markdown table."""
+    rows = memory_rows()
+    columns = list(rows[0])[3:]
+    print("| model | parameters | weights dtype | " + " | ".join(columns) + " |\n"
+          + "|---" * (3 + len(columns)) + "|")
+    for r in rows:
+        print(f"| {r['model']} | {r['params'] / 1e6:,.1f}M | {r['dtype']} | "
+              + " | ".join(fmt_bytes(r[c]) for c in columns) + " |")
+
+
+def throughput_stopped_rising(tok_s):
+    """True once two doublings of B in a row gained less than 5 % over the best before them."""
+    return len(tok_s) >= 3 and max(tok_s[-2:]) < 1.05 * max(tok_s[:-2])
+
+
+def pick_batch(rows):
+    """The smallest B whose tokens/s is within 10 % of the best: the paper's rule (§10, §11)."""
+    best = max(tok_s for _, tok_s in rows)
+    return min(b for b, tok_s in rows if tok_s >= 0.9 * best)
 
 
 def find_batch(args):
@@ -941,7 +975,7 @@ def find_batch(args):
     device = jax.devices()[0]
     print(f"find-batch {args.model} ({cfg}), {args.opt}, {args.param_dtype} weights, on "
           f"{device.device_kind} ({jax.default_backend()}); each B: compile, one step, then "
-          "1 s or more of steps")
+          "2 s or more of steps")
     print(f"{'B':>6} {'tokens/step':>12} {'ms/step':>9} {'tokens/s':>10}  memory")
     rows, batch = [], 1
     while batch <= data.n_windows(train_tokens, cfg.T):
@@ -962,7 +996,7 @@ def find_batch(args):
             t0 = time.time()       # a step with a host sync, to size the timed run
             params, state, stats = jax.block_until_ready(step_fn(params, state, stats,
                                                                  np.int32(1), x, y, lr))
-            n = max(3, math.ceil(1.0 / (time.time() - t0)))
+            n = max(3, math.ceil(2.0 / (time.time() - t0)))
             t0 = time.time()
             for step in range(2, n + 2):   # the same batch: timing only, no host sync inside
                 params, state, stats = step_fn(params, state, stats, np.int32(step), x, y, lr)
@@ -980,16 +1014,12 @@ def find_batch(args):
                   "temporaries (XLA's estimate)")
         rows.append((batch, batch * cfg.T / seconds))
         print(f"{batch:>6} {batch * cfg.T:>12,} {seconds * 1e3:>9.1f} {rows[-1][1]:>10,.0f}  {memory}")
-        best = max(tok_s for _, tok_s in rows)
-        # stop once two doublings in a row gained less than 5 % over the best so far
-        if len(rows) >= 3 and max(rows[-1][1], rows[-2][1]) < 1.05 * max(
-                tok_s for _, tok_s in rows[:-2]):
+        if throughput_stopped_rising([tok_s for _, tok_s in rows]):
             break
         batch *= 2
-    best = max(tok_s for _, tok_s in rows)
-    pick = min(b for b, tok_s in rows if tok_s >= 0.9 * best)
+    pick = pick_batch(rows)
     print(f"recommended: --batch {pick}, the smallest batch within 10 % of the best throughput "
-          f"({best:,.0f} tokens/s): the paper's rule, §10")
+          f"({max(tok_s for _, tok_s in rows):,.0f} tokens/s): the paper's rule, §10")
     return pick
 
 
