@@ -945,11 +945,13 @@ def test_vmapped_learning_rates_equal_separate_runs():
     assert together[1] < together[0] < math.log(SMALL.V) + 0.5
 
 
-def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
+def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, monkeypatch,
+                                                                     capsys):
     """A small study (2 settings x B = 1, 4) writes study.json and study.md: four rates a factor 2
     apart per cell with the best inside, the spread over them, and the accumulation rows, whose
     B = 4 in 4 micro-batches matches B = 4 and holds one more float32 copy of the parameters.
-    Run again with the same settings, it trains nothing and writes the same tables."""
+    Interrupted, it exits 130 keeping its finished runs, and the next invocation goes on from
+    them; run again with the same settings, it trains nothing and writes the same tables."""
     monkeypatch.setattr(train, "STUDY_MODEL", SMALL)
     monkeypatch.setattr(train, "STUDY_TOKENS", 1_024)
     monkeypatch.setattr(train, "STUDY_BATCHES", (1, 4))
@@ -957,6 +959,20 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
         "sgd": ("sgd", None, (0.25, 0.5, 1.0, 2.0)),
         "adam, t2 fixed": ("adam", "t2", (1e-3, 2e-3, 4e-3, 8e-3))})
     argv = ["--study", "--data", str(small_corpus(tmp_path)), "--out", str(tmp_path / "study")]
+    calls, train_lanes = [], train.train_lanes
+
+    def interrupted_on_the_second_call(*args, **kwargs):    # Ctrl-C in the second training call
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_lanes(*args, **kwargs)
+    monkeypatch.setattr(train, "train_lanes", interrupted_on_the_second_call)
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv)
+    kept = json.loads((tmp_path / "study" / "study.json").read_text())["runs"]
+    assert stop.value.code == 130 and len(kept) == 4
+    assert "keeps the 4 finished runs" in capsys.readouterr().err
+    monkeypatch.setattr(train, "train_lanes", train_lanes)
     train.main(argv)
     result = json.loads((tmp_path / "study" / "study.json").read_text())
     assert result["config"]["t2"] == pytest.approx(4 * 16 * math.log(0.5) / math.log(0.95))
@@ -973,6 +989,7 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
     assert b1["steps"] == 1_024 // 16 and b4["steps"] == b4_accum["steps"] == 1_024 // 64
     markdown = (tmp_path / "study" / "study.md").read_text()
     assert "| 1 | " in markdown and "`--batch 4 --grad-accum 4`" in markdown
+    assert result["reused"] == 4 and result["runs"][:4] == kept
     monkeypatch.setattr(train, "train_lanes", lambda *a, **k: pytest.fail("trained again"))
     train.main(argv)
     assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"] == result["cells"]

@@ -373,7 +373,8 @@ def evaluate(params, x, y, cfg):
 
 def main(argv=None):
     args, given = parse_args(argv)
-    for mode, reads in [("study", STUDY_FLAGS), ("find_batch", FIND_BATCH_FLAGS), ("memory", set())]:
+    modes = [("study", STUDY_FLAGS), ("find_batch", FIND_BATCH_FLAGS), ("memory", set())]
+    for mode, reads in modes:
         if getattr(args, mode):
             unread = sorted(given - reads - {mode})
             if unread:
@@ -634,7 +635,6 @@ def main(argv=None):
 STUDY_MODEL = model.Config(V=4_096, D=64, L=2, H=1, T=32)   # about 30 min on a 2-core CPU
 STUDY_TOKENS = 204_800        # every run's budget: 6,400 steps at B = 1, 100 at B = 64
 STUDY_BATCHES = (1, 4, 16, 64)
-STUDY_LANES = 4               # learning rates per cell, trained at once (jax.vmap)
 STUDY_MAX_SHIFTS = 3          # a cell's grid moves at most this often to bracket its best rate
 # name: (optimizer, β2, the learning rates tried at B = 1). β2 "t2" holds the second moment's
 # half-life fixed in tokens (§2): the half-life β2 = 0.95 has at the largest batch, so that the
@@ -746,7 +746,7 @@ def study(args, given, command):
     runs = previous.get("runs", []) if previous.get("config") == config else []
     done = {(r["setting"], r["batch"], r["grad_accum"], r["lr"]): r for r in runs}
     # (a run's key: its row, batch, micro-batches and lr; the comparison's single runs have
-    # their own row name, as their wall time is one run's, not a share of STUDY_LANES')
+    # their own row name, as their wall time is one run's, not a share of a cell's lanes)
     result = {"command": command, "config": config, "runs": runs, "reused": len(runs),
               "cells": {}, "accumulation": [],
               "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, "
@@ -771,19 +771,37 @@ def study(args, given, command):
                     "seconds": seconds, "lanes": len(todo), "step_temp_bytes": step_bytes}
                 runs.append(done[row, batch, grad_accum, lr])
             save()
-        return [done[row, batch, grad_accum, lr]["val_loss"] for lr in lrs]
+        return [done[row, batch, grad_accum, lr] for lr in lrs]
 
+    vocab = "compact vocabulary" if cfg.V <= data.EOT else "GPT-2 vocabulary"
     print(f"study      {len(STUDY_SETTINGS)} optimizer settings x batch sizes "
-          f"{', '.join(map(str, STUDY_BATCHES))}, {STUDY_LANES} learning rates each, "
-          f"{fmt_tokens(budget)} tokens per run")
-    print(f"model      {cfg} ({'compact vocabulary' if cfg.V <= data.EOT else 'GPT-2 vocabulary'}); "
-          f"t2 = {fmt_tokens(t2)} tokens; results in {out}/")
+          f"{', '.join(map(str, STUDY_BATCHES))}, {len(STUDY_SETTINGS['sgd'][2])} learning rates "
+          f"each, {fmt_tokens(budget)} tokens per run")
+    print(f"model      {cfg} ({vocab}); t2 = {fmt_tokens(t2)} tokens; results in {out}/")
+    try:
+        study_grid(result, cfg, budget, t2, train_runs, save, t_start)
+    except KeyboardInterrupt:
+        print(f"interrupted; {out}/study.json keeps the {len(runs)} finished runs; run the same "
+              "command again to go on from there", file=sys.stderr)
+        sys.exit(130)
+    result["seconds"] = time.time() - t_start
+    save()
+    (out / "study.md").write_text(study_markdown(result))
+    print(study_markdown(result))
+    plot_study(result, out / "study.png")
+    print(f"wrote {out}/study.md and {out}/study.json in {result['seconds'] / 60:.1f} min")
+
+
+def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
+    """Fill result's cells (every setting x batch size, each grid centred on its best rate)
+    and its accumulation comparison; train_runs(row, batch, lrs, grad_accum) -> run records."""
     for setting, (_, _, first_grid) in STUDY_SETTINGS.items():
         grid = list(first_grid)
         result["cells"][setting] = cells = {}
         for batch in STUDY_BATCHES:
             t_cell = time.time()
-            grid, tried = study_cell(lambda lrs: train_runs(setting, batch, lrs), grid)
+            run = lambda lrs: [r["val_loss"] for r in train_runs(setting, batch, lrs)]
+            grid, tried = study_cell(run, grid)
             losses = [tried[lr] for lr in grid]
             finite = [l for l in losses if l is not None]
             best_lr = grid[int(np.argmin([_loss_or_inf(l) for l in losses]))]
@@ -804,24 +822,18 @@ def study(args, given, command):
     setting, big = "adam, t2 fixed", max(STUDY_BATCHES)
     for batch, k in [(1, 1), (big, 1), (big, big)]:
         lr = result["cells"][setting][str(batch)]["best_lr"]
-        loss = train_runs(setting + SINGLE, batch, [lr], grad_accum=k)[0]
-        r = done[setting + SINGLE, batch, k, lr]
+        r = train_runs(setting + SINGLE, batch, [lr], grad_accum=k)[0]
         opt, _ = study_optimizer(setting, batch, cfg, t2)
         shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
         result["accumulation"].append({
-            "batch": batch, "grad_accum": k, "lr": lr, "val_loss": loss,
+            "batch": batch, "grad_accum": k, "lr": lr, "val_loss": r["val_loss"],
             "steps": budget // (batch * cfg.T), "seconds": r["seconds"],
-            "params_bytes": nbytes(shapes), "opt_state_bytes": nbytes(jax.eval_shape(opt.init, shapes)),
+            "params_bytes": nbytes(shapes),
+            "opt_state_bytes": nbytes(jax.eval_shape(opt.init, shapes)),
             "buffer_bytes": nbytes(jax.eval_shape(accumulation_buffer, shapes)) if k > 1 else 0,
             "step_temp_bytes": r["step_temp_bytes"]})
-        print(f"accumulation  B = {batch} in {k} micro-batch{'es' * (k > 1)}: loss {fmt_loss(loss)}, "
-              f"{r['seconds']:.0f} s")
-    result["seconds"] = time.time() - t_start
-    save()
-    (out / "study.md").write_text(study_markdown(result))
-    print(study_markdown(result))
-    plot_study(result, out / "study.png")
-    print(f"wrote {out}/study.md and {out}/study.json in {result['seconds'] / 60:.1f} min")
+        print(f"accumulation  B = {batch} in {k} micro-batch{'es' * (k > 1)}: "
+              f"loss {fmt_loss(r['val_loss'])}, {r['seconds']:.0f} s")
 
 
 def study_markdown(result):
@@ -873,7 +885,8 @@ Gradient accumulation: adam with t2 fixed, each run at its batch size's best lr 
 Held: parameters + optimizer state + accumulation buffer. Step temporaries: XLA's memory analysis \
 of the compiled step (activations and other scratch).
 
-| run | optimizer steps | lr | loss | parameters | optimizer state | accumulation buffer | held | step temporaries | wall time |
+| run | optimizer steps | lr | loss | parameters | optimizer state | accumulation buffer | \
+held | step temporaries | wall time |
 |---|---|---|---|---|---|---|---|---|---|
 {accum}
 Every run, peak lr: final validation loss:
@@ -894,17 +907,20 @@ def plot_study(result, path):
         print("no plot: matplotlib is not installed (python -m pip install matplotlib)")
         return
     cells = result["cells"]
+    finite = [c["best_loss"] for cell in cells.values() for c in cell.values()
+              if c["best_loss"] is not None]
+    if not finite:
+        print("no plot: every run diverged")
+        return
     fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.4), sharey=True)
-    best = min(c["best_loss"] for cell in cells.values() for c in cell.values()
-               if c["best_loss"] is not None)
     for ax, (setting, cell) in zip(np.atleast_1d(axes), cells.items()):
         for batch, c in cell.items():
             lrs = sorted(c["tried"], key=float)
             ax.plot([float(lr) for lr in lrs], [math.nan if c["tried"][lr] is None
                                                 else c["tried"][lr] for lr in lrs],
                     "o-", label=f"B = {batch}")
-        ax.set(xscale="log", title=setting, xlabel="peak learning rate", ylim=(best - 0.1,
-                                                                                best + 1.5))
+        ax.set(xscale="log", title=setting, xlabel="peak learning rate",
+               ylim=(min(finite) - 0.1, min(finite) + 1.5))
     np.atleast_1d(axes)[0].set_ylabel("final validation loss")
     np.atleast_1d(axes)[0].legend()
     fig.tight_layout()
@@ -1007,16 +1023,20 @@ def find_batch(args):
             print(f"{batch:>6} out of device memory")
             break
         seconds = (time.time() - t0) / n
-        stats = device.memory_stats()      # None on CPU: then XLA's estimate for the step
-        memory = (f"{stats['peak_bytes_in_use'] / 1e9:.2f} GB peak on the device so far"
-                  if stats and "peak_bytes_in_use" in stats else
+        used = device.memory_stats()       # None on CPU: then XLA's estimate for the step
+        memory = (f"{used['peak_bytes_in_use'] / 1e9:.2f} GB peak on the device so far"
+                  if used and "peak_bytes_in_use" in used else
                   f"{step_fn.memory_analysis().temp_size_in_bytes / 1e9:.3f} GB of step "
                   "temporaries (XLA's estimate)")
         rows.append((batch, batch * cfg.T / seconds))
-        print(f"{batch:>6} {batch * cfg.T:>12,} {seconds * 1e3:>9.1f} {rows[-1][1]:>10,.0f}  {memory}")
+        print(f"{batch:>6} {batch * cfg.T:>12,} {seconds * 1e3:>9.1f} {rows[-1][1]:>10,.0f}  "
+              + memory)
         if throughput_stopped_rising([tok_s for _, tok_s in rows]):
             break
         batch *= 2
+    if not rows:
+        die(f"batch 1 of --model {args.model} does not fit in {device.device_kind}'s memory; "
+            "try a smaller --model or --param-dtype bfloat16.")
     pick = pick_batch(rows)
     print(f"recommended: --batch {pick}, the smallest batch within 10 % of the best throughput "
           f"({max(tok_s for _, tok_s in rows):,.0f} tokens/s): the paper's rule, §10")
