@@ -742,7 +742,7 @@ def study(args, given, command):
         previous = {}
     except ValueError:
         previous = {}
-    # runs of an interrupted study with the same settings are reused, not trained again
+    # runs of an earlier (interrupted or finished) study with the same settings are reused
     runs = previous.get("runs", []) if previous.get("config") == config else []
     done = {(r["setting"], r["batch"], r["grad_accum"], r["lr"]): r for r in runs}
     # (a run's key: its row, batch, micro-batches and lr; the comparison's single runs have
@@ -863,8 +863,8 @@ def study_markdown(result):
     m = c["model"]
     vocab = (f" (the {m['V'] - 1:,} most frequent training tokens and one id for all others)"
              if m["V"] <= data.EOT else "")
-    reused = (f" ({result['reused']} of {len(result['runs'])} runs reused from an earlier, "
-              "interrupted invocation)") if result["reused"] else ""
+    reused = (f" ({result['reused']} of {len(result['runs'])} runs reused from an earlier "
+              f"invocation, not timed again)") if result["reused"] else ""
     return f"""# The batch-size study
 
 `{result['command']}` on {result['device']}, JAX {result['versions']['jax']}: \
