@@ -902,14 +902,37 @@ def test_a_run_with_accumulation_ends_with_the_same_parameters(tmp_path, capsys)
     np.testing.assert_allclose(losses[0], losses[1], atol=1e-4)
 
 
+def test_resume_may_change_grad_accum_given_out(tmp_path, monkeypatch, capsys):
+    """An SGD run at --batch 4 interrupted at step 5 and resumed with --grad-accum 4 ends with
+    the uninterrupted run's parameters to float32 tolerance; without --out that resume is refused
+    (exit 2), since the default folder's name depends on --grad-accum."""
+    flags = run_flags(tmp_path) + ["--batch", "4"]
+    train.main(flags + ["--out", str(tmp_path / "whole")])
+    interrupt_at(5, monkeypatch)
+    with pytest.raises(SystemExit):
+        train.main(flags + ["--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--batch", "4", "--grad-accum", "4"])
+    assert exit_info.value.code == 2 and "needs --out" in capsys.readouterr().err
+    train.main(["--resume", "--grad-accum", "4", "--out", str(tmp_path / "cut")])
+    whole, cut = (np.load(tmp_path / run / "params.npz") for run in ("whole", "cut"))
+    for k in whole.files:
+        np.testing.assert_allclose(cut[k], whole[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
 def test_compact_vocab_keeps_the_most_frequent_tokens_by_rank():
     """compact_vocab gives the V - 1 most frequent training tokens ids by rank and every other
-    token (rarer, or seen only in validation) the shared id V - 1."""
+    token (rarer, or seen only in validation) the shared id V - 1, even when V leaves room."""
     train_ids = np.array([7, 7, 7, 3, 3, 9, 50_000], np.uint16)
     val_ids = np.array([3, 9, 7, 11], np.uint16)
     got_train, got_val = data.compact_vocab(train_ids, val_ids, V=3)
     assert got_train.tolist() == [0, 0, 0, 1, 1, 2, 2]       # 7 -> 0, 3 -> 1, the rest -> 2
     assert got_val.tolist() == [1, 2, 0, 2]
+    got_train, got_val = data.compact_vocab(train_ids, val_ids, V=8)   # room for unseen ones
+    assert got_train.tolist() == [0, 0, 0, 1, 1, 2, 3]       # 7, 3, 9, 50,000 by count
+    assert got_val.tolist() == [1, 2, 0, 7]                  # 11, never seen in training -> 7
 
 
 def test_study_cell_moves_its_grid_until_the_best_is_inside():
@@ -926,22 +949,35 @@ def test_study_cell_moves_its_grid_until_the_best_is_inside():
 
 
 def test_study_cell_never_picks_a_diverged_run():
-    """A diverged run (None) is never the best, and the grid moves away from it."""
-    losses = {0.5: 3.0, 1.0: 2.5, 2.0: 2.2, 4.0: None, 0.25: 3.5}
+    """A diverged run (None) is never the best, and a grid that moves drops it."""
+    losses = {0.5: None, 1.0: 3.0, 2.0: 2.5, 4.0: 2.2, 8.0: 2.4}   # least at 4, then inside
     grid, _ = train.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
-    assert grid == [0.5, 1.0, 2.0, 4.0]                       # 2.0 is inside: nothing to move
+    assert grid == [1.0, 2.0, 4.0, 8.0]
+    losses = {0.25: 2.4, 0.5: 2.0, 1.0: 2.5, 2.0: 3.0, 4.0: None}   # least at 0.5, at the edge
+    grid, _ = train.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
+    assert grid == [0.25, 0.5, 1.0, 2.0]
 
 
 def test_vmapped_learning_rates_equal_separate_runs():
-    """train_lanes trains its rates together (jax.vmap); each lane ends where a run of that rate
-    alone ends, to float32 tolerance."""
+    """train_lanes trains its rates together (jax.vmap); each lane ends where a plain loop of the
+    un-vmapped train step at that rate alone ends, to float32 tolerance."""
     tokens = data.load_tokens(data.DEFAULT_TEXT)[:40_000]
     train_ids, val_ids = data.compact_vocab(*data.split(tokens), V=SMALL.V)
-    args = dict(cfg=SMALL, opt=optim.adam(b2=0.99), batch=2, n_steps=20, train=train_ids,
-                val=val_ids[:2_000], seed=0)
-    together, _, _ = train.train_lanes(lrs=[3e-3, 1e-2], **args)
-    alone = [train.train_lanes(lrs=[lr], **args)[0][0] for lr in (3e-3, 1e-2)]
-    np.testing.assert_allclose(together, alone, rtol=1e-5)
+    val_ids, opt = val_ids[:2_000], optim.adam(b2=0.99)
+    together, _, _ = train.train_lanes(SMALL, opt, [3e-3, 1e-2], batch=2, n_steps=20,
+                                       train=train_ids, val=val_ids, seed=0)
+
+    def alone(lr):                  # main's initialization, batches and step, one rate at a time
+        params = model.init_params(jax.random.fold_in(jax.random.key(0), 0), SMALL)
+        state, stats = opt.init(params), {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
+        step_fn = jax.jit(train.make_train_step(SMALL, opt, n_steps=20, warmup=0.05))
+        for step in range(20):
+            x, y = data.get_batch(train_ids, step, 2, SMALL.T, 0)
+            params, state, stats = step_fn(params, state, stats, np.int32(step), x, y,
+                                           jnp.float32(lr))
+        return float(train.evaluate(params, *map(jnp.asarray, data.val_batches(val_ids, SMALL.T)),
+                                    SMALL))
+    np.testing.assert_allclose(together, [alone(3e-3), alone(1e-2)], rtol=1e-5)
     assert together[1] < together[0] < math.log(SMALL.V) + 0.5
 
 
@@ -951,7 +987,8 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
     apart per cell with the best inside, the spread over them, and the accumulation rows, whose
     B = 4 in 4 micro-batches matches B = 4 and holds one more float32 copy of the parameters.
     Interrupted, it exits 130 keeping its finished runs, and the next invocation goes on from
-    them; run again with the same settings, it trains nothing and writes the same tables."""
+    them; run again with the same settings, it trains nothing and writes the same tables; with
+    another seed, it refuses (exit 2) to overwrite the folder's study."""
     monkeypatch.setattr(train, "STUDY_MODEL", SMALL)
     monkeypatch.setattr(train, "STUDY_TOKENS", 1_024)
     monkeypatch.setattr(train, "STUDY_BATCHES", (1, 4))
@@ -993,6 +1030,11 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
     monkeypatch.setattr(train, "train_lanes", lambda *a, **k: pytest.fail("trained again"))
     train.main(argv)
     assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"] == result["cells"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(argv + ["--seed", "1"])
+    assert stop.value.code == 2 and "holds a study with other settings" in capsys.readouterr().err
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["runs"] == result["runs"]
 
 
 def test_memory_rows_match_a_count_by_hand():

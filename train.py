@@ -352,7 +352,8 @@ def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=
     def train_step(params, opt_state, stats, step, x, y, peak_lr):
         loss, grads = gradients(params, x, y, cfg, grad_accum)
         lr = optim.lr_at(step, n_steps, peak_lr, warmup)
-        # grads come in the parameters' dtype; every optimizer computes in float32 (optim.py)
+        # grads come in the parameters' dtype (float32 when accumulated); every optimizer
+        # computes in float32 (optim.py)
         updates, opt_state = opt.update(grads, opt_state, params, lr)
         # stochastic rounding (bf16 weights): fresh bits every step, from the run's own key
         params = optim.apply_updates(params, updates, key if key is None else
@@ -392,6 +393,9 @@ def main(argv=None):
     accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
     out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}")
     ckpt_path = out / "ckpt.npz"
+    if args.resume and "grad_accum" in given and not args.out:
+        die("--resume with --grad-accum needs --out naming the run's folder: the default folder's "
+            "name depends on --grad-accum, so it may not be the run you mean.")
     if args.resume:
         ckpt, meta = read_checkpoint(ckpt_path)
         take_flags_from_checkpoint(args, given, meta["args"])
@@ -654,9 +658,9 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train, val, seed, grad_accum=1):
     initialization (jax.vmap over the rates); (final validation losses, seconds, step memory).
 
     The step is main's, so a lane is exactly `python train.py` at that --lr, without logging.
-    Step memory is XLA's estimate of the compiled step's temporaries (activations and the like).
+    Seconds: the wall time of the compiled steps (no compilation, no evaluation). Step memory is
+    XLA's estimate of the compiled step's temporaries (activations and the like).
     """
-    t0 = time.time()
     key = jax.random.key(seed)
     lanes = lambda tree: jax.tree.map(lambda a: jnp.repeat(a[None], len(lrs), axis=0), tree)
     params = model.init_params(jax.random.fold_in(key, 0), cfg)     # main's initialization
@@ -669,13 +673,16 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train, val, seed, grad_accum=1):
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
         params, opt_state, stats, np.int32(0), *batch_at(0), lrs).compile()
     step_bytes = step_fn.memory_analysis().temp_size_in_bytes
+    t0 = time.time()
     for step in range(n_steps):
         params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
                                            *batch_at(step), lrs)
+    jax.block_until_ready(params)
+    seconds = time.time() - t0
     val_xy = [jnp.asarray(a) for a in data.val_batches(val, cfg.T)]
     losses = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)), static_argnums=3)(
         params, *val_xy, cfg)
-    return [float(l) for l in losses], time.time() - t0, step_bytes
+    return [float(l) for l in losses], seconds, step_bytes
 
 
 def study_cell(run, grid):
@@ -741,9 +748,12 @@ def study(args, given, command):
             die(f"--out {out} cannot be written ({e.strerror}).")
         previous = {}
     except ValueError:
-        previous = {}
+        die(f"{out}/study.json is not a study's JSON file; pass another --out or remove it.")
+    if previous.get("runs") and previous.get("config") != config:   # never overwrite a result
+        die(f"{out}/study.json holds a study with other settings (model, tokens, data or seed); "
+            "pass another --out, or remove it to start over.")
     # runs of an earlier (interrupted or finished) study with the same settings are reused
-    runs = previous.get("runs", []) if previous.get("config") == config else []
+    runs = previous.get("runs", [])
     done = {(r["setting"], r["batch"], r["grad_accum"], r["lr"]): r for r in runs}
     # (a run's key: its row, batch, micro-batches and lr; the comparison's single runs have
     # their own row name, as their wall time is one run's, not a share of a cell's lanes)
@@ -780,15 +790,18 @@ def study(args, given, command):
     print(f"model      {cfg} ({vocab}); t2 = {fmt_tokens(t2)} tokens; results in {out}/")
     try:
         study_grid(result, cfg, budget, t2, train_runs, save, t_start)
+        result["seconds"] = time.time() - t_start
+        save()
+        (out / "study.md").write_text(study_markdown(result))
+        print(study_markdown(result))
+        plot_study(result, out / "study.png")
     except KeyboardInterrupt:
         print(f"interrupted; {out}/study.json keeps the {len(runs)} finished runs; run the same "
               "command again to go on from there", file=sys.stderr)
         sys.exit(130)
-    result["seconds"] = time.time() - t_start
-    save()
-    (out / "study.md").write_text(study_markdown(result))
-    print(study_markdown(result))
-    plot_study(result, out / "study.png")
+    except OSError as e:
+        die(f"--out {out} cannot be written ({e.strerror}); {out}/study.json keeps the "
+            f"finished runs.")
     print(f"wrote {out}/study.md and {out}/study.json in {result['seconds'] / 60:.1f} min")
 
 
@@ -804,9 +817,11 @@ def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
             grid, tried = study_cell(run, grid)
             losses = [tried[lr] for lr in grid]
             finite = [l for l in losses if l is not None]
-            best_lr = grid[int(np.argmin([_loss_or_inf(l) for l in losses]))]
+            best = int(np.argmin([_loss_or_inf(l) for l in losses]))
+            best_lr = grid[best]
             cells[str(batch)] = {
                 "grid": grid, "losses": losses, "best_lr": best_lr, "best_loss": tried[best_lr],
+                "at_edge": best in (0, len(grid) - 1),   # after STUDY_MAX_SHIFTS moves
                 "spread": max(finite) - min(finite) if finite else None,
                 "diverged": len(losses) - len(finite), "b2": study_optimizer(
                     setting, batch, cfg, t2)[1], "tried": {str(lr): l for lr, l in tried.items()}}
@@ -833,7 +848,7 @@ def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
             "buffer_bytes": nbytes(jax.eval_shape(accumulation_buffer, shapes)) if k > 1 else 0,
             "step_temp_bytes": r["step_temp_bytes"]})
         print(f"accumulation  B = {batch} in {k} micro-batch{'es' * (k > 1)}: "
-              f"loss {fmt_loss(r['val_loss'])}, {r['seconds']:.0f} s")
+              f"loss {fmt_loss(r['val_loss'])}, steps {r['seconds']:.1f} s")
 
 
 def study_markdown(result):
@@ -842,8 +857,12 @@ def study_markdown(result):
     settings, batches = list(cells), list(next(iter(cells.values())))
     head = ("| B | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings) + "\n")
     best = "".join(f"| {b} | " + " | ".join(
-        f"{fmt_loss(cells[s][b]['best_loss'])} ({cells[s][b]['best_lr']:g})" for s in settings)
+        f"{fmt_loss(cells[s][b]['best_loss'])} ({cells[s][b]['best_lr']:g}"
+        + (", at the edge)" if cells[s][b]["at_edge"] else ")") for s in settings)
         + " |\n" for b in batches)
+    if any(cells[s][b]["at_edge"] for s in settings for b in batches):
+        best += (f"\n\"At the edge\": the best rate is still the grid's first or last after "
+                 f"{STUDY_MAX_SHIFTS} moves; the cell's optimum may lie beyond it.\n")
     spread = "".join(f"| {b} | " + " | ".join(
         ("-" if cells[s][b]["spread"] is None else f"{cells[s][b]['spread']:.3f}")
         + (f" ({cells[s][b]['diverged']} diverged)" if cells[s][b]["diverged"] else "")
@@ -855,7 +874,7 @@ def study_markdown(result):
         f"{fmt_loss(a['val_loss'])} | {mb(a['params_bytes'])} | {mb(a['opt_state_bytes'])} | "
         f"{mb(a['buffer_bytes'])} | "
         f"{mb(a['params_bytes'] + a['opt_state_bytes'] + a['buffer_bytes'])} | "
-        f"{mb(a['step_temp_bytes'])} | {a['seconds']:.0f} s |\n" for a in result["accumulation"])
+        f"{mb(a['step_temp_bytes'])} | {a['seconds']:.1f} s |\n" for a in result["accumulation"])
     every = "".join(f"| {s} | {b} | " + ", ".join(
         f"{float(lr):g}: {fmt_loss(l)}" for lr, l in sorted(
             cells[s][b]["tried"].items(), key=lambda kv: float(kv[0]))) + " |\n"
@@ -883,10 +902,11 @@ best (a smaller spread: less sensitive to the learning rate):
 {head}{spread}
 Gradient accumulation: adam with t2 fixed, each run at its batch size's best lr from the grid. \
 Held: parameters + optimizer state + accumulation buffer. Step temporaries: XLA's memory analysis \
-of the compiled step (activations and other scratch).
+of the compiled step (activations and other scratch). Time of the steps: the wall time of all the \
+run's compiled steps, without compilation and evaluation.
 
 | run | optimizer steps | lr | loss | parameters | optimizer state | accumulation buffer | \
-held | step temporaries | wall time |
+held | step temporaries | time of the steps |
 |---|---|---|---|---|---|---|---|---|---|
 {accum}
 Every run, peak lr: final validation loss:
@@ -993,8 +1013,8 @@ def find_batch(args):
     key = jax.random.key(args.seed)
     device = jax.devices()[0]
     print(f"find-batch {args.model} ({cfg}), {args.opt}, {args.param_dtype} weights, on "
-          f"{device.device_kind} ({jax.default_backend()}); each B: compile, one step, then "
-          "2 s or more of steps")
+          f"{device.device_kind} ({jax.default_backend()}); each B: compile, two untimed steps, "
+          "then 2 s or more of steps")
     print(f"{'B':>6} {'tokens/step':>12} {'ms/step':>9} {'tokens/s':>10}  memory")
     rows, batch = [], 1
     while batch <= data.n_windows(train_tokens, cfg.T):
@@ -1049,7 +1069,7 @@ def find_batch(args):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C before the loop started, or a second one inside it
-        print("interrupted before a new checkpoint was written; an earlier one, if any, is whole",
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside it
+        print("interrupted; the files written before it (checkpoints, study.json) are whole",
               file=sys.stderr)
         sys.exit(130)
