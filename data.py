@@ -126,9 +126,9 @@ def get_batch(train, step, batch, T, seed):
 def compact_vocab(train, val, V):
     """The tokens renumbered into a vocabulary of V ids: the V - 1 most frequent training tokens
     get ids 0, 1, ... by rank, and every other token (rarer, or never seen in training) shares
-    id V - 1. The batch-size study's
-    CPU model uses it: the output layer is most of a small model's cost, and the shipped corpus
-    uses 12,031 of GPT-2's 50,257 tokens (the 4,095 most frequent make 95.5 % of it)."""
+    id V - 1. The batch-size study's CPU model uses it: the output layer is most of a small
+    model's cost, and the shipped corpus uses 12,031 of GPT-2's 50,257 tokens (the 4,095 most
+    frequent make 95.5 % of it)."""
     counts = np.bincount(train, minlength=EOT + 1)
     table = np.full(EOT + 1, V - 1, np.uint16)
     ranked = np.argsort(-counts, kind="stable")[:V - 1]
