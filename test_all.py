@@ -334,10 +334,10 @@ def test_generate_reads_the_last_real_token():
     params = model.init_params(jax.random.key(0), SMALL)
     prompt = [1, 2, 3]
     got = model.generate(params, SMALL, prompt, 20, jax.random.key(5), temperature=1e-6)
-    ids = list(prompt)
+    ids, forward = list(prompt), jax.jit(model.forward, static_argnums=2)  # jit: 5x faster here
     for _ in range(20):                        # the reference: no padding, no fixed window shape
         context = jnp.array([ids[-SMALL.T:]])
-        ids.append(int(jnp.argmax(model.forward(params, context, SMALL)[0, -1])))
+        ids.append(int(jnp.argmax(forward(params, context, SMALL)[0, -1])))
     assert got == ids[len(prompt):] and all(0 <= i < SMALL.V for i in got)
 
 
