@@ -785,8 +785,8 @@ def study(args, given, command):
 
     vocab = "compact vocabulary" if cfg.V <= data.EOT else "GPT-2 vocabulary"
     print(f"study      {len(STUDY_SETTINGS)} optimizer settings x batch sizes "
-          f"{', '.join(map(str, STUDY_BATCHES))}, {len(STUDY_SETTINGS['sgd'][2])} learning rates "
-          f"each, {fmt_tokens(budget)} tokens per run")
+          f"{', '.join(map(str, STUDY_BATCHES))}, 4 learning rates each (more where a grid "
+          f"moves), {fmt_tokens(budget)} tokens per run")
     print(f"model      {cfg} ({vocab}); t2 = {fmt_tokens(t2)} tokens; results in {out}/")
     try:
         study_grid(result, cfg, budget, t2, train_runs, save, t_start)
@@ -835,11 +835,11 @@ def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
     # Gradient accumulation (§9): B = 1 against B = max at the same tokens, with and without
     # accumulation down to micro-batches of 1, each at its own best rate from the grid above.
     setting, big = "adam, t2 fixed", max(STUDY_BATCHES)
+    shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
     for batch, k in [(1, 1), (big, 1), (big, big)]:
         lr = result["cells"][setting][str(batch)]["best_lr"]
         r = train_runs(setting + SINGLE, batch, [lr], grad_accum=k)[0]
         opt, _ = study_optimizer(setting, batch, cfg, t2)
-        shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
         result["accumulation"].append({
             "batch": batch, "grad_accum": k, "lr": lr, "val_loss": r["val_loss"],
             "steps": budget // (batch * cfg.T), "seconds": r["seconds"],
