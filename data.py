@@ -7,7 +7,7 @@ The GPT-2 BPE comes from tiktoken, built from the merge ranks shipped in data/ (
 downloaded). A text file is tokenized once into a uint16 token file beside it (nanoGPT's .bin
 convention), named by the text's hash so that it is reused exactly until the text changes.
 The last 10 % of the tokens (at least 16,384) are the validation split, the same for every run
-(PAPER.md §4: fixed held-out tokens). The rest is cut into non-overlapping windows of T + 1
+(the paper holds out fixed validation tokens). The rest is cut into non-overlapping windows of T + 1
 tokens, visited in a seeded shuffle: one full pass before any window repeats, and the batch of
 step i depends only on (seed, i), so any step's data can be rebuilt exactly.
 """

@@ -1,4 +1,4 @@
-"""The paper's GPT (PAPER.md §5) as pure functions over a plain dict of 2-D arrays.
+"""The paper's GPT (its models section) as pure functions over a plain dict of 2-D arrays.
 
     import jax, model
     cfg = model.PRESETS["tiny"]
@@ -43,7 +43,7 @@ class Config:
 PRESETS = {
     # default: one pass over the shipped corpus in under 5 minutes on a 2-core CPU (README)
     "tiny": Config(D=64, L=4, H=1, T=128),
-    # the paper's table (§5): 30M = 10.6M non-embedding + 2 x 19.3M embedding parameters
+    # the paper's models: 30M = 10.6M non-embedding + 2 x 19.3M embedding parameters
     "30m": Config(D=384, L=6, H=3, T=512),
     "gpt2": Config(D=768, L=12, H=6, T=1024),
     "gpt3xl": Config(D=2048, L=24, H=16, T=2048),
@@ -55,7 +55,7 @@ BLOCK = {"wq": ("D", "D"), "wk": ("D", "D"), "wv": ("D", "D"), "wo": ("D", "D"),
 
 
 def init_params(key, cfg):
-    """Xavier-uniform kernels and N(0, 1/D) embeddings, input and output (§5).
+    """Xavier-uniform kernels and N(0, 1/D) embeddings, input and output, as in the paper.
 
     Returns {name: float32 [rows, cols]}. Xavier is taken over each 2-D matrix; the official code
     applies it to per-head einsum kernels, whose fan-in and fan-out count differently.
@@ -90,7 +90,7 @@ def rope(x):
 
 
 def attention(x, w, cfg):
-    """Causal self-attention with QK-norm before RoPE (§5)."""
+    """Causal self-attention with QK-norm before RoPE, as in the paper."""
     B, T, _ = x.shape                                            # x: [B, T, D]
     q, k, v = ((x @ w[n]).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
     q, k = rope(rms_norm(q)), rope(rms_norm(k))                  # [B, T, H, K]

@@ -1,29 +1,21 @@
-"""Hand-written optimizers (PAPER.md §3), the half-life rule for β (§2) and the LR schedule (§4).
+"""Hand-written optimizers, the half-life rule for β and the learning-rate schedule of the paper.
 
     opt = optim.adam(b1=0.9, b2=optim.beta_from_halflife(10e6, tokens_per_step=1024))
     state = opt.init(params)
     updates, state = opt.update(grads, state, params, lr)   # updates already hold the -lr
-    params = optim.apply_updates(params, updates)   # or, for bf16 weights (§7):
+    params = optim.apply_updates(params, updates)   # or, for bf16 weights (Fig. 9):
     params = optim.apply_updates(params, updates, jax.random.fold_in(key, step), "stochastic")
 
 Each optimizer is an (init, update) pair of pure functions over a pytree of parameters, and
 each update rule is written one line per equation, in the paper's symbols. The arithmetic and
-the state are float32 whatever the parameters' dtype.
-
-Run as a program it solves the momentum toy problem (§8) with the same sgd and prints two tables:
-
-    python optim.py                          # 10 to 20 s on a 2-core CPU
-    python optim.py --plot momentum_toy.png  # also draws the figure (needs matplotlib)
+the state are float32 whatever the parameters' dtype. To add one, write its function here and
+give it a line in train.py's OPTIMIZERS table.
 """
-import argparse
 import math
-import sys
-from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 f32 = jnp.float32
 
@@ -45,15 +37,13 @@ def _rms(x):
     return jnp.sqrt(jnp.mean(jnp.square(x)))
 
 
-def sgd(momentum=0.0):
-    """SGD: θ ← θ − lr·g. Momentum 0 (the paper's batch-1 recipe, §3) keeps no state at all.
+def sgd(b1=0.0):
+    """SGD: θ ← θ − lr·g. Momentum b1 = 0 (the paper's batch-1 recipe) keeps no state at all.
 
-    With momentum β it is the EMA form of the toy problem (§8): m ← β·m + (1 − β)·g,
-    θ ← θ − lr·m. Heavy-ball momentum (m ← β·m + g, as in PyTorch) is the same optimizer
-    with its lr scaled by 1/(1 − β); the EMA form keeps lr comparable across β.
+    With momentum b1 = β it is the EMA form of the paper's toy problem (Appendix B):
+    m ← β·m + (1 − β)·g, θ ← θ − lr·m. Heavy-ball momentum (m ← β·m + g, as in PyTorch) is the
+    same optimizer with its lr scaled by 1/(1 − β); the EMA form keeps lr comparable across β.
     """
-    b1 = momentum
-
     def init(params):
         return {} if b1 == 0 else {"m": _zeros(params)}
 
@@ -68,7 +58,7 @@ def sgd(momentum=0.0):
 
 
 def adam(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0):
-    """Adam with bias correction and decoupled weight decay (AdamW: −lr·wd·θ, §3)."""
+    """Adam with bias correction and decoupled weight decay (AdamW: −lr·wd·θ)."""
     def init(params):
         return {"m": _zeros(params), "v": _zeros(params), "t": jnp.zeros([], jnp.int32)}
 
@@ -87,7 +77,7 @@ def adam(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0):
 
 
 def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=None):
-    """Adafactor as the paper uses it (§3; Shazeer & Stern 2018): no first moment, a factored
+    """Adafactor as the paper uses it (Shazeer & Stern 2018): no first moment, a factored
     second moment, update RMS clipped to `clip`, step scaled by max(RMS(θ), 1e-3).
 
     A matrix whose two dimensions are both >= min_dim_to_factor keeps only the row means and the
@@ -140,7 +130,7 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
 
 
 def stochastic_round_bf16(key, x):
-    """float32 -> bfloat16, rounded up or down at random so that the mean is x (§7).
+    """float32 -> bfloat16, rounded up or down at random so that the mean is x (the paper's Fig. 9).
 
     bf16 is float32 with the low 16 bits dropped. Adding a uniform random integer in [0, 2^16)
     to the bits carries into bit 16 with probability (low bits) / 2^16, which is how far x lies
@@ -175,7 +165,7 @@ def apply_updates(params, updates, key=None, rounding="nearest"):
         for i, (p, x) in enumerate(zip(leaves, sums))])
 
 
-# -- β as a half-life in tokens (§2) ------------------------------------------------------------
+# -- β as a half-life in tokens: the paper's scaling rule (Fig. 3, 4) -------------------------
 # One step consumes tokens_per_step = B·T tokens. An EMA with decay β forgets half of its memory
 # in t_half tokens when β ** (t_half / tokens_per_step) = 1/2. Holding t_half fixed while B
 # changes is the paper's scaling rule: β2 = 0.95 at B = 512 is β2 ≈ 0.9999 at B = 1.
@@ -189,7 +179,8 @@ def halflife_from_beta(beta, tokens_per_step):
 
 
 def lr_at(step, n_steps, peak_lr, warmup_frac):
-    """Linear warmup from 0 over the first warmup_frac of the steps, then cosine decay to 0 (§4).
+    """Linear warmup from 0 over the first warmup_frac of the steps, then cosine decay to 0, at
+    every batch size (the paper's schedule).
 
     Works on Python numbers and on traced arrays, so the train step computes it on device.
     """
@@ -197,244 +188,3 @@ def lr_at(step, n_steps, peak_lr, warmup_frac):
     ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0
     progress = jnp.clip((step - warmup) / (n_steps - warmup), 0.0, 1.0)
     return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))
-
-
-# -- the momentum toy problem (§8, the paper's Appendix B, Fig. 10) -----------------------------
-# Loss f(x, y) = x² + 10·y² from (−1, 1). A batch of size b, in units of the critical batch size,
-# gives the gradient g + σ·|g|·ε with σ = 1/√b and ε ~ N(0, 1), |g| taken per coordinate, as in
-# the paper's notebook utils/toy.ipynb: each coordinate is g_i·(1 + σ·ε_i), so below b = 1 the
-# noise is larger than the gradient, in each direction alike. The toy steps with sgd() above,
-# whose momentum is the paper's EMA form, so the paper's learning rates carry over unchanged
-# (heavy-ball momentum, m ← β·m + g, would need each lr times 1 − β: see sgd's docstring).
-
-TOY_START = (-1.0, 1.0)
-TOY_PANELS = {  # Fig. 10's four panels (PAPER.md §8): 25 × 10 = 250 and 0.09 × 100 = 9 samples
-    "large batch, SGD": dict(b=25.0, steps=10, lr=0.09, beta=0.0),
-    "large batch, SGD + momentum": dict(b=25.0, steps=10, lr=0.12, beta=0.4),
-    "small batch, SGD": dict(b=0.09, steps=100, lr=0.012, beta=0.0),
-    "small batch, SGD + momentum": dict(b=0.09, steps=100, lr=0.012, beta=0.4),
-}
-TOY_THRESHOLD = 1e-2  # loss for "steps to reach": 96-97 % of large-batch momentum's seeds get
-                      # there, 0.3-0.4 % of SGD's (seeds 0, 1, 2)
-SWEEP_SAMPLES = 32    # b × steps per sweep run. Not more: the loss falls exponentially at every
-                      # b, and faster the smaller b is at a fixed budget. At 32 the median final
-                      # loss at b = 1/32 is ~1e-28 and up to 2 % of seeds reach float32's
-                      # floor (1e-38, where the loss reads 0); at 64 the medians do by b = 1/16.
-SWEEP_STEPS = [2 ** k for k in range(11)]               # 1 ... 1,024 steps, so b = 32 ... 1/32
-SWEEP_BETAS = (0.0, 0.4, 0.9)
-SWEEP_LRS = [2 ** (k / 2) for k in range(-20, 3)]      # 2^-10 ≈ 0.001 ... 2, a factor √2 apart;
-                                                       # the best lr's lie in 0.0055 ... 0.5
-
-
-def toy_loss(w):
-    return w[..., 0] ** 2 + 10 * w[..., 1] ** 2          # [...] from w [..., 2]; numpy or jax
-
-
-def toy_step(opt, key, b, lr):
-    """One step of opt on the toy, with one seed's noise, in lax.scan's form: carry, t -> w_t+1."""
-    def step(carry, t):
-        params, state = carry
-        g = jax.grad(lambda p: toy_loss(p["w"]))(params)["w"]
-        eps = jax.random.normal(jax.random.fold_in(key, t), (2,))
-        noisy = {"w": g + jnp.abs(g) * eps / jnp.sqrt(b)}   # per coordinate; b = inf: exact g
-        updates, state = opt.update(noisy, state, params, lr)
-        params = apply_updates(params, updates)
-        return (params, state), params["w"]
-    return step
-
-
-def _toy_start(opt):
-    params = {"w": jnp.array(TOY_START, f32)}
-    return params, opt.init(params)
-
-
-@partial(jax.jit, static_argnames=("steps", "beta", "seeds"))
-def toy_paths(b, lr, steps, beta, seeds, seed=0):
-    """The points w_0 ... w_steps [seeds, steps + 1, 2] of sgd(beta), one path per noise seed."""
-    opt = sgd(momentum=beta)
-
-    def path(key):
-        _, ws = jax.lax.scan(toy_step(opt, key, b, lr), _toy_start(opt), jnp.arange(steps))
-        return jnp.concatenate([jnp.array([TOY_START], f32), ws])
-
-    return jax.vmap(path)(jax.random.split(jax.random.key(seed), seeds))
-
-
-@partial(jax.jit, static_argnames=("beta", "seeds"))
-def toy_final_losses(b, lrs, steps, beta, seeds, seed=0):
-    """The loss after `steps` steps [lrs, seeds]. b, the lrs and steps are traced, so the whole
-    sweep compiles once per β; every lr (and every β) sees the same seeds' noise."""
-    opt = sgd(momentum=beta)
-
-    def final_loss(key, lr):
-        step = toy_step(opt, key, b, lr)
-        params, _ = jax.lax.fori_loop(0, steps, lambda t, c: step(c, t)[0], _toy_start(opt))
-        loss = toy_loss(params["w"])
-        return jnp.where(jnp.isnan(loss), jnp.inf, loss)             # diverged: inf, not nan
-
-    keys = jax.random.split(jax.random.key(seed), seeds)
-    return jax.vmap(jax.vmap(final_loss, in_axes=(0, None)), in_axes=(None, 0))(keys, lrs)
-
-
-def steps_to_reach(losses, threshold):
-    """The first step at which each path's loss [seeds, steps + 1] is <= threshold; inf if none."""
-    hit = losses <= threshold
-    return np.where(hit.any(axis=1), hit.argmax(axis=1), np.inf)
-
-
-def toy_panels(seeds=1000, seed=0):
-    """Fig. 10's four runs: {name: paths [seeds, steps + 1, 2]} as float64 numpy arrays."""
-    return {name: np.asarray(toy_paths(**s, seeds=seeds, seed=seed), np.float64)
-            for name, s in TOY_PANELS.items()}
-
-
-def toy_sweep(seeds=1000, seed=0):
-    """b = SWEEP_SAMPLES / steps for each of SWEEP_STEPS: [(b, steps, {β: (median final loss,
-    lr)})], at each β's best lr of SWEEP_LRS by median final loss."""
-    lrs, rows = jnp.array(SWEEP_LRS, f32), []
-    for steps in SWEEP_STEPS:
-        b, best = SWEEP_SAMPLES / steps, {}
-        for beta in SWEEP_BETAS:
-            losses = np.asarray(toy_final_losses(b, lrs, steps, beta, seeds, seed), np.float64)
-            median = np.median(losses, axis=1)                          # [lrs]
-            best[beta] = (float(median.min()), SWEEP_LRS[int(median.argmin())])
-        rows.append((b, steps, best))
-    return rows
-
-
-def print_panels(paths):
-    print(f"{'setting':<28} {'b':>5} {'steps':>5} {'lr':>6} {'β':>4}   "
-          f"{'final loss: median [25%, 75%]':<32} steps to loss <= {TOY_THRESHOLD:g}: median")
-    for name, w in paths.items():
-        s, losses = TOY_PANELS[name], toy_loss(w)                       # [seeds, steps + 1]
-        q25, q50, q75 = np.percentile(losses[:, -1], [25, 50, 75])
-        n = np.median(steps_to_reach(losses, TOY_THRESHOLD))          # inf if most never do
-        reach = f"{n:g}" if np.isfinite(n) else f"more than {s['steps']}"
-        print(f"{name:<28} {s['b']:>5g} {s['steps']:>5} {s['lr']:>6g} {s['beta']:>4g}   "
-              f"{f'{q50:.3g} [{q25:.3g}, {q75:.3g}]':<32} {reach}")
-
-
-def _best_momentum(best):
-    """The lowest median final loss of any β > 0, from one sweep row's {β: (loss, lr)}."""
-    return min(loss for beta, (loss, _) in best.items() if beta > 0)
-
-
-def _momentum_gain(best):
-    """SGD's median final loss over the best momentum's."""
-    momentum = _best_momentum(best)
-    return best[0.0][0] / momentum if momentum > 0 else math.inf   # 0: underflowed (few seeds)
-
-
-def _momentum_speedup(best):
-    """How much faster the best momentum's loss fell, on a log scale: ln(its loss) / ln(SGD's).
-    The loss falls about geometrically, so this is the ratio of the two convergence rates; it
-    means nothing (None) until SGD's loss is below 1."""
-    sgd_loss, momentum = best[0.0][0], _best_momentum(best)
-    if not 0 < sgd_loss < 1 or momentum <= 0:
-        return None
-    return math.log(momentum) / math.log(sgd_loss)
-
-
-def print_sweep(rows):
-    heads = "".join(f"   {f'β = {beta:g} (best lr)':<19}" for beta in SWEEP_BETAS)
-    print(f"{'b':>8} {'steps':>5}{heads}   loss ratio   speed-up")
-    for b, steps, best in rows:
-        cells = "".join(f"   {f'{loss:.2e} ({lr:.2g})':<19}" for loss, lr in best.values())
-        speedup = _momentum_speedup(best)
-        print(f"{b:>8.4g} {steps:>5}{cells}   {_momentum_gain(best):>10.3g}   "
-              + ("       -" if speedup is None else f"{speedup:>8.3g}"))
-
-
-def plot_toy(paths, rows, file):
-    """Fig. 10's four panels (median path with interquartile bars over the loss's contours), and
-    the sweep against b: each β's best median final loss, and SGD's over the best momentum's."""
-    import matplotlib                                # optional: only --plot needs it
-    matplotlib.use("Agg")                            # draw to a file, no window
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(14, 7), layout="constrained")
-    grid = fig.add_gridspec(2, 3, width_ratios=[1, 1, 1.2])
-    x, y = np.meshgrid(np.linspace(-2, 1, 301), np.linspace(-1.3, 1.3, 261))
-    for i, (name, w) in enumerate(paths.items()):
-        ax = fig.add_subplot(grid[i // 2, i % 2])
-        ax.contour(x, y, toy_loss(np.stack([x, y], -1)), levels=np.geomspace(0.03, 20, 8),
-                   colors="0.75", linewidths=0.8)
-        q25, med, q75 = np.percentile(w, [25, 50, 75], axis=0)        # each [steps + 1, 2]
-        ax.errorbar(med[:, 0], med[:, 1], xerr=[med[:, 0] - q25[:, 0], q75[:, 0] - med[:, 0]],
-                    yerr=[med[:, 1] - q25[:, 1], q75[:, 1] - med[:, 1]], color="#B85C5C",
-                    lw=1.5, elinewidth=0.8, capsize=2)
-        s = TOY_PANELS[name]
-        ax.set_title(f"{name}\nb = {s['b']:g}, {s['steps']} steps, lr = {s['lr']:g}", fontsize=10)
-        ax.set(xlim=(-2, 1), ylim=(-1.3, 1.3), xlabel="x", ylabel="y")
-    b = [row[0] for row in rows]
-    ax = fig.add_subplot(grid[0, 2])
-    for beta in SWEEP_BETAS:
-        ax.loglog(b, [row[2][beta][0] for row in rows], "o-", ms=3, label=f"β = {beta:g}")
-    ax.set_title(f"the sweep, b × steps = {SWEEP_SAMPLES}: median final loss at the best lr",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(grid[1, 2], sharex=ax)
-    speedups = [_momentum_speedup(row[2]) for row in rows]
-    ax.semilogx(*zip(*[(bi, s) for bi, s in zip(b, speedups) if s is not None]), "o-", ms=3,
-                color="k")
-    ax.axhline(1, color="0.6", lw=0.8)
-    ax.set_title("momentum's speed-up: ln(its loss) / ln(SGD's) (above 1: it helps)", fontsize=9)
-    ax.set_xlabel("batch size b, in units of the critical batch size")
-    fig.savefig(file, dpi=100)
-
-
-# optim.py imports nothing from train.py (the imports are star-shaped), hence its own two-line
-# version of train.py's one-sentence errors.
-def _die(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):      # one line on stderr and exit status 2, as in train.py
-        _die(message)
-
-
-def _int_from(low):
-    def parse(text):
-        if not text.isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return int(text)
-    return parse
-
-
-def main(argv=None):
-    p = _Parser(description="The momentum toy problem of Marek et al. (2025), Appendix B.")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw the figure (needs matplotlib)")
-    p.add_argument("--seeds", type=_int_from(1), default=1000, help="noise seeds per run")
-    p.add_argument("--seed", type=_int_from(0), default=0, help="the random key they come from")
-    args = p.parse_args(argv)
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (fail before the work, not after it)
-        except ImportError:
-            _die("--plot needs matplotlib: python -m pip install matplotlib")
-    print("The momentum toy problem (PAPER.md §8): f(x, y) = x² + 10·y² from (-1, 1), and a")
-    print("batch of size b gives the gradient g + σ·|g|·ε with σ = 1/√b and |g| per coordinate")
-    print("(as in the paper's notebook utils/toy.ipynb). Each run is optim.sgd(momentum=β):")
-    print(f"m = β·m + (1 − β)·g, w ← w − lr·m, for {args.seeds:,} noise seeds drawn from key "
-          f"{args.seed},\nthe same seeds in every run.\n")
-    paths = toy_panels(args.seeds, args.seed)
-    print_panels(paths)
-    print(f"\nThe sweep: b × steps = {SWEEP_SAMPLES} gradient samples per run. Each cell is the "
-          f"median final loss at\nthe best of {len(SWEEP_LRS)} lr's from {SWEEP_LRS[0]:.2g} to "
-          f"{SWEEP_LRS[-1]:g}, a factor √2 apart (that lr in brackets). Loss ratio: SGD's\n"
-          "over the best momentum's. Speed-up: ln(momentum's) / ln(SGD's), the ratio of their\n"
-          "convergence rates.\n")
-    rows = toy_sweep(args.seeds, args.seed)
-    print_sweep(rows)
-    if args.plot:
-        try:
-            plot_toy(paths, rows, args.plot)
-        except (OSError, ValueError) as e:                 # a missing folder, an unknown type
-            _die(f"--plot {args.plot} cannot be written ({getattr(e, 'strerror', None) or e}).")
-        print(f"\nwrote {args.plot}")
-
-
-if __name__ == "__main__":
-    main()

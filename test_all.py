@@ -1,6 +1,9 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
     JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about four minutes on a 2-core CPU
+
+In sections by what they test: optimizers, bf16, half-lives and the schedule, the model, the
+tokenizer and data, training, checkpoints, then each program in experiments/.
 """
 import os
 
@@ -25,6 +28,7 @@ import data
 import model
 import optim
 import train
+from experiments import batch_size_study, bf16_rounding, find_batch, memory, momentum_toy
 
 HERE = Path(__file__).resolve().parent
 SMALL = model.Config(V=97, D=32, L=2, H=2, T=16)  # a model small enough for a test to train
@@ -62,10 +66,10 @@ def test_sgd_matches_numpy():
 
 
 def test_sgd_momentum_matches_numpy():
-    """SGD with momentum is the EMA form m ← βm + (1 − β)g, θ ← θ − lr·m (PAPER.md §8)."""
+    """SGD with momentum is the EMA form m ← βm + (1 − β)g, θ ← θ − lr·m (the paper's Appendix B)."""
     params, grads = params_and_grads()
     beta, lr = 0.4, 0.1
-    got = run_optimizer(optim.sgd(momentum=beta), params, grads, [lr] * 3)
+    got = run_optimizer(optim.sgd(b1=beta), params, grads, [lr] * 3)
     for k, p in params.items():
         m, want = np.zeros_like(p), p.copy()
         for g in grads:
@@ -147,7 +151,7 @@ def test_optimizer_math_is_float32_for_bf16_params():
         assert optim.apply_updates(params, updates)["w"].dtype == jnp.bfloat16
 
 
-# -- bf16 weights and stochastic rounding (§7) --------------------------------------------------
+# -- bf16 weights and stochastic rounding (Fig. 9)-----------------------------------------------
 
 def bf16_neighbours(x):
     """The bf16 values just below and just above |x| (same sign), by numpy bit arithmetic."""
@@ -212,15 +216,17 @@ def test_each_leaf_and_step_draws_fresh_noise():
 
 
 def test_bf16_parameters_save_and_load_exactly(tmp_path):
-    """bf16 arrays survive save_arrays/load_arrays bit for bit and keep their dtype (np.savez
-    alone would load them back as opaque 2-byte void items)."""
+    """bf16 arrays are saved as float32 (np.savez alone would write opaque 2-byte void items),
+    which np.load reads back; unflatten casts them back to bf16 bit for bit."""
     w = jax.random.normal(jax.random.key(0), (3, 5)).astype(jnp.bfloat16)
-    arrays = {"w": w, "v": np.arange(4, dtype=np.float32)}
+    arrays = {"p.w": w, "p.v": np.arange(4, dtype=np.float32)}
     train.save_arrays(tmp_path / "p.npz", arrays)
-    loaded = train.load_arrays(tmp_path / "p.npz")
-    assert loaded["w"].dtype == jnp.bfloat16 and loaded["v"].dtype == np.float32
-    assert (loaded["w"].view(np.uint16) == np.asarray(w).view(np.uint16)).all()
-    assert (loaded["v"] == arrays["v"]).all()
+    loaded = dict(np.load(tmp_path / "p.npz"))
+    assert loaded["p.w"].dtype == np.float32 and loaded["p.v"].dtype == np.float32
+    back = train.unflatten("p", loaded, {"w": w, "v": arrays["p.v"]})
+    assert back["w"].dtype == jnp.bfloat16
+    assert (np.asarray(back["w"]).view(np.uint16) == np.asarray(w).view(np.uint16)).all()
+    assert (np.asarray(back["v"]) == arrays["p.v"]).all()
 
 
 def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
@@ -245,7 +251,9 @@ def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
     assert losses[0] == losses[1] and all(math.isfinite(v) for v in losses[0])
     trains = [e["train_loss"] for e in logs[0] if "train_loss" in e]
     assert trains[-1] < trains[0] - 1.0
-    assert train.load_arrays(tmp_path / "a" / "params.npz")["embed"].dtype == jnp.bfloat16
+    embed = np.load(tmp_path / "a" / "params.npz")["embed"]         # bf16 values, as float32
+    assert (embed.astype(jnp.bfloat16).astype(np.float32) == embed).all()
+    assert (embed.view(np.uint32) & 0xFFFF == 0).all()        # no bits below bf16's 16
     assert len(calls) == 2 * 26           # the train step rounds each of the 26 leaves, per run
 
 
@@ -286,7 +294,7 @@ def test_forward_shapes_finite_and_initial_loss():
     so the loss is about ln V + 1/2 = 11.32 nats: ln V for a uniform guess, plus E[lse] of the noise."""
     cfg = model.PRESETS["tiny"]
     params = model.init_params(jax.random.key(0), cfg)
-    assert all(p.ndim == 2 for p in params.values())       # every parameter is a matrix (§5)
+    assert all(p.ndim == 2 for p in params.values())       # every parameter is a matrix
     x = jax.random.randint(jax.random.key(1), (8, cfg.T), 0, cfg.V)
     logits = model.forward(params, x, cfg)
     assert logits.shape == (8, cfg.T, cfg.V) and logits.dtype == jnp.float32
@@ -533,8 +541,6 @@ def test_token_counts_read_like_people_write_them():
     (["--tokens", "1k", "--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
     (["--batch", "6", "--grad-accum", "4"], "--batch 6 is not divisible by --grad-accum 4"),
     (["--grad-accum", "0"], "--grad-accum must be a positive integer"),
-    (["--study", "--batch", "4"], "--batch does not apply to --study, which reads --data, "),
-    (["--study", "--memory"], "not allowed with argument --study"),
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     """Each mistake a user can make on the command line exits 2 with one line naming the flag."""
@@ -545,16 +551,22 @@ def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--find-batch", "--tokens", "1M"], "--tokens does not apply to --find-batch, which reads "),
-    (["--find-batch", "--out", "x"], "--out does not apply to --find-batch"),
-    (["--memory", "--opt", "adam"], "--opt does not apply to --memory, which reads no other flag."),
+@pytest.mark.parametrize("program, argv, message", [
+    (find_batch, ["--tokens", "1M"], "unrecognized arguments: --tokens 1M"),
+    (find_batch, ["--out", "x"], "unrecognized arguments: --out x"),
+    (find_batch, ["--opt", "sgd", "--b2", "0.9"], "--b2/--t2 do not apply to sgd"),
+    (memory, ["--opt", "adam"], "unrecognized arguments: --opt adam"),
+    (batch_size_study, ["--batch", "4"], "unrecognized arguments: --batch 4"),
+    (batch_size_study, ["--tokens", "0"], "--tokens must be a number of tokens > 0"),
+    (bf16_rounding, ["--opt", "rmsprop"], "--opt"),
 ])
-def test_modes_refuse_flags_they_do_not_read(argv, message, capsys):
-    """--find-batch and --memory name the first flag they would ignore, and exit 2."""
+def test_experiments_refuse_flags_they_do_not_read(program, argv, message, capsys):
+    """Each experiment names a flag it does not read, or a value it does not accept, in one
+    sentence and exits 2."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        program.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
 
 
 def test_command_line_error_has_no_traceback():
@@ -581,7 +593,7 @@ def test_ctrl_c_saves_the_parameters(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert 0 < config["steps_done"] < config["n_steps"]
     assert np.isfinite(np.load(out / "params.npz")["embed"]).all()
-    meta = json.loads(str(train.load_arrays(out / "ckpt.npz")["meta"]))
+    meta = json.loads(str(np.load(out / "ckpt.npz")["meta"]))
     assert meta["step"] == config["steps_done"]
 
 
@@ -639,9 +651,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
     monkeypatch.undo()
     train.main(["--resume", "--out", str(tmp_path / "cut")])            # flags from the checkpoint
     assert events(tmp_path / "cut") == events(tmp_path / "whole")
-    whole, cut = (train.load_arrays(tmp_path / run / "params.npz") for run in ("whole", "cut"))
+    whole, cut = (np.load(tmp_path / run / "params.npz") for run in ("whole", "cut"))
     assert all(whole[k].dtype == cut[k].dtype and whole[k].tobytes() == cut[k].tobytes()
-               for k in whole)
+               for k in whole.files)
 
 
 def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
@@ -687,7 +699,7 @@ def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
     arrays = {"loss_sum": np.float32(0), "meta": np.array(json.dumps({"version": 0}))}
     train.save_arrays(out / "ckpt.npz", arrays)
     whole = (out / "ckpt.npz").read_bytes()
-    for content, message in [(whole, "has format version 0; this train.py reads version 1"),
+    for content, message in [(whole, "has format version 0; this train.py reads version 2"),
                              (whole[:len(whole) // 2], "is truncated or damaged")]:
         (out / "ckpt.npz").write_bytes(content)
         with pytest.raises(SystemExit) as exit_info:
@@ -738,23 +750,23 @@ def test_a_different_seed_gives_different_losses(tmp_path):
     assert losses[0] != losses[1]
 
 
-# -- the momentum toy problem (§8) ---------------------------------------------------------------
+# -- experiments/momentum_toy.py (Appendix B)----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def toy_panels():
     """Fig. 10's four runs with the README's 1,000 seeds, computed once for the tests below."""
-    return optim.toy_panels(seeds=1000)
+    return momentum_toy.toy_panels(seeds=1000)
 
 
 def test_toy_without_noise_is_gradient_descent_by_hand():
     """At σ = 0 (b = ∞) every seed's path is gradient descent on x² + 10y² from (−1, 1): each
     step multiplies x by 1 − 2·lr and y by 1 − 20·lr; with momentum, the EMA recursion by hand."""
     lr, steps, start = 0.03, 4, np.array([-1.0, 1.0])
-    got = np.asarray(optim.toy_paths(b=np.inf, lr=lr, steps=steps, beta=0.0, seeds=3))
+    got = np.asarray(momentum_toy.toy_paths(b=np.inf, lr=lr, steps=steps, beta=0.0, seeds=3))
     want = start * np.array([1 - 2 * lr, 1 - 20 * lr]) ** np.arange(steps + 1)[:, None]
     np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-7)
 
-    got = np.asarray(optim.toy_paths(b=np.inf, lr=lr, steps=steps, beta=0.4, seeds=3))
+    got = np.asarray(momentum_toy.toy_paths(b=np.inf, lr=lr, steps=steps, beta=0.4, seeds=3))
     w, m, want = start, np.zeros(2), [start]
     for _ in range(steps):
         m = 0.4 * m + 0.6 * np.array([2.0, 20.0]) * w      # the gradient (2x, 20y), by hand
@@ -769,7 +781,7 @@ def test_toy_noise_is_sigma_times_the_gradient_per_coordinate():
     deviation σ = 1/√b = 0.5 in each coordinate, and independent coordinates (standard errors
     0.008, 1 % and 0.016; the bounds are 5 of them). Noise scaled by the norm |g| = 20.1 instead
     would give x a standard deviation of 5."""
-    w = np.asarray(optim.toy_paths(b=4.0, lr=1.0, steps=1, beta=0.0, seeds=4000), np.float64)
+    w = np.asarray(momentum_toy.toy_paths(b=4.0, lr=1.0, steps=1, beta=0.0, seeds=4000), np.float64)
     g = np.array([-2.0, 20.0])                                 # ∇(x² + 10y²) at (−1, 1)
     noise = (w[:, 0] - w[:, 1] - g) / np.abs(g)               # [seeds, 2]
     np.testing.assert_allclose(noise.mean(axis=0), 0.0, atol=0.04)
@@ -783,7 +795,7 @@ def test_toy_momentum_helps_at_large_batch_only(toy_panels):
     14× and 1.10× (13× to 14× and 1.07× to 1.10× over three seed sets); frozen at above 5× and
     within 1.3× either way, so a run that loses momentum's damping fails the first, and one whose
     noise is scaled by the gradient's norm (0.5× to 0.7× at small batch) fails the second."""
-    median = {name: np.median(optim.toy_loss(w[:, -1])) for name, w in toy_panels.items()}
+    median = {name: np.median(momentum_toy.toy_loss(w[:, -1])) for name, w in toy_panels.items()}
     assert median["large batch, SGD"] / median["large batch, SGD + momentum"] > 5
     assert 1 / 1.3 < median["small batch, SGD"] / median["small batch, SGD + momentum"] < 1.3
 
@@ -795,30 +807,30 @@ def test_toy_sweep_momentum_speedup_shrinks_with_b(monkeypatch):
     differences compound over 256 steps), but the speed-up is only 1.056× to 1.058×. Calibrated
     with three seed sets (README); frozen at a gain above 3× and a speed-up above 1.2× at b = 2,
     and a speed-up below 1.1× at b = 1/8."""
-    monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])      # b = 2 and 1/8 of the sweep
-    monkeypatch.setattr(optim, "SWEEP_BETAS", (0.0, 0.4))
-    (_, _, large), (_, _, small) = optim.toy_sweep(seeds=1000)
+    monkeypatch.setattr(momentum_toy, "SWEEP_STEPS", [16, 256])      # b = 2 and 1/8 of the sweep
+    monkeypatch.setattr(momentum_toy, "SWEEP_BETAS", (0.0, 0.4))
+    (_, _, large), (_, _, small) = momentum_toy.toy_sweep(seeds=1000)
 
     def speedup(row):                       # log-loss over SGD's, by hand (numpy)
         return np.log(row[0.4][0]) / np.log(row[0.0][0])
     assert large[0.0][0] / large[0.4][0] > 3
     assert speedup(large) > 1.2 and speedup(small) < 1.1
-    assert optim._momentum_speedup(large) == pytest.approx(speedup(large))
+    assert momentum_toy._momentum_speedup(large) == pytest.approx(speedup(large))
 
 
 def test_toy_readme_table_is_what_the_code_prints(toy_panels, capsys):
-    """The README's table of the four panels is, line for line, what `python optim.py` prints."""
-    optim.print_panels(toy_panels)
-    readme = (HERE / "README.md").read_text().splitlines()
+    """experiments/README.md's table of the four panels is, line for line, what `python -m experiments.momentum_toy` prints."""
+    momentum_toy.print_panels(toy_panels)
+    readme = (HERE / "experiments" / "README.md").read_text().splitlines()
     assert all(line in readme for line in capsys.readouterr().out.splitlines())
 
 
 def test_toy_main_prints_both_tables(monkeypatch, capsys):
-    """`python optim.py` prints the four panels, then a sweep row per b with b × steps = 32, the
+    """`python -m experiments.momentum_toy` prints the four panels, then a sweep row per b with b × steps = 32, the
     ratio of SGD's loss to the best momentum's and the speed-up ln(momentum's) / ln(SGD's), by
     hand from the printed losses; the rows are those in the README (two of eleven, for time)."""
-    monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])
-    optim.main([])
+    monkeypatch.setattr(momentum_toy, "SWEEP_STEPS", [16, 256])
+    momentum_toy.main([])
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith(("large batch", "small batch")) for line in lines) == 4
     rows = [line.split() for line in lines[-2:]]
@@ -828,15 +840,15 @@ def test_toy_main_prints_both_tables(monkeypatch, capsys):
         assert float(row[8]) == pytest.approx(losses[0] / min(losses[1:]), rel=0.02)
         assert float(row[9]) == pytest.approx(math.log(min(losses[1:])) / math.log(losses[0]),
                                               rel=0.02)
-    readme = (HERE / "README.md").read_text().splitlines()
+    readme = (HERE / "experiments" / "README.md").read_text().splitlines()
     assert all(line in readme for line in lines[-2:])
 
 
 def test_toy_plot_writes_a_png(monkeypatch, tmp_path, capsys):
     """--plot FILE.png writes the figure as a PNG (skipped where matplotlib is not installed)."""
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(optim, "SWEEP_STEPS", [16, 256])
-    optim.main(["--plot", str(tmp_path / "toy.png")])
+    monkeypatch.setattr(momentum_toy, "SWEEP_STEPS", [16, 256])
+    momentum_toy.main(["--plot", str(tmp_path / "toy.png")])
     assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -844,7 +856,7 @@ def test_toy_plot_without_matplotlib_says_how_to_install(monkeypatch, capsys):
     """--plot without matplotlib exits 2 at once, with one line giving the pip command."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # `import matplotlib` now fails
     with pytest.raises(SystemExit) as exit_info:
-        optim.main(["--plot", "toy.png"])
+        momentum_toy.main(["--plot", "toy.png"])
     assert exit_info.value.code == 2
     assert capsys.readouterr() == ("", "error: --plot needs matplotlib: "
                                        "python -m pip install matplotlib\n")
@@ -856,15 +868,15 @@ def test_toy_plot_without_matplotlib_says_how_to_install(monkeypatch, capsys):
     (["--plots", "toy.png"], "unrecognized arguments: --plots"),
 ])
 def test_toy_user_errors_exit_2_with_one_sentence(argv, message, capsys):
-    """A mistake on optim.py's command line exits 2 with one line naming the flag."""
+    """A mistake on momentum_toy's command line exits 2 with one line naming the flag."""
     with pytest.raises(SystemExit) as exit_info:
-        optim.main(argv)
+        momentum_toy.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-# -- gradient accumulation, the batch-size study, memory and throughput (§9, §10) ---------------
+# -- gradient accumulation, and experiments/batch_size_study.py, memory.py, find_batch.py ------
 
 @pytest.mark.parametrize("grad_accum", [2, 4])
 def test_accumulated_gradient_equals_the_full_batch_gradient(grad_accum):
@@ -942,7 +954,7 @@ def test_study_cell_moves_its_grid_until_the_best_is_inside():
     def run(lrs):
         trained.append(list(lrs))
         return [(math.log2(lr) - 4) ** 2 for lr in lrs]
-    grid, tried = train.study_cell(run, [1.0, 2.0, 4.0, 8.0])
+    grid, tried = batch_size_study.study_cell(run, [1.0, 2.0, 4.0, 8.0])
     assert grid == [4.0, 8.0, 16.0, 32.0]
     assert trained == [[1.0, 2.0, 4.0, 8.0], [16.0], [32.0]]
     assert tried[16.0] == 0 and len(tried) == 6
@@ -951,10 +963,10 @@ def test_study_cell_moves_its_grid_until_the_best_is_inside():
 def test_study_cell_never_picks_a_diverged_run():
     """A diverged run (None) is never the best, and a grid that moves drops it."""
     losses = {0.5: None, 1.0: 3.0, 2.0: 2.5, 4.0: 2.2, 8.0: 2.4}   # least at 4, then inside
-    grid, _ = train.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
+    grid, _ = batch_size_study.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
     assert grid == [1.0, 2.0, 4.0, 8.0]
     losses = {0.25: 2.4, 0.5: 2.0, 1.0: 2.5, 2.0: 3.0, 4.0: None}   # least at 0.5, at the edge
-    grid, _ = train.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
+    grid, _ = batch_size_study.study_cell(lambda lrs: [losses[lr] for lr in lrs], [0.5, 1.0, 2.0, 4.0])
     assert grid == [0.25, 0.5, 1.0, 2.0]
 
 
@@ -964,8 +976,9 @@ def test_vmapped_learning_rates_equal_separate_runs():
     tokens = data.load_tokens(data.DEFAULT_TEXT)[:40_000]
     train_ids, val_ids = data.compact_vocab(*data.split(tokens), V=SMALL.V)
     val_ids, opt = val_ids[:2_000], optim.adam(b2=0.99)
-    together, _, _ = train.train_lanes(SMALL, opt, [3e-3, 1e-2], batch=2, n_steps=20,
-                                       train=train_ids, val=val_ids, seed=0)
+    together, _, _ = batch_size_study.train_lanes(SMALL, opt, [3e-3, 1e-2], batch=2, n_steps=20,
+                                                  train_tokens=train_ids, val_tokens=val_ids,
+                                                  seed=0)
 
     def alone(lr):                  # main's initialization, batches and step, one rate at a time
         params = model.init_params(jax.random.fold_in(jax.random.key(0), 0), SMALL)
@@ -989,28 +1002,28 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
     Interrupted, it exits 130 keeping its finished runs, and the next invocation goes on from
     them; run again with the same settings, it trains nothing and writes the same tables; with
     another seed, it refuses (exit 2) to overwrite the folder's study."""
-    monkeypatch.setattr(train, "STUDY_MODEL", SMALL)
-    monkeypatch.setattr(train, "STUDY_TOKENS", 1_024)
-    monkeypatch.setattr(train, "STUDY_BATCHES", (1, 4))
-    monkeypatch.setattr(train, "STUDY_SETTINGS", {
+    monkeypatch.setattr(batch_size_study, "STUDY_MODEL", SMALL)
+    monkeypatch.setattr(batch_size_study, "STUDY_TOKENS", 1_024)
+    monkeypatch.setattr(batch_size_study, "STUDY_BATCHES", (1, 4))
+    monkeypatch.setattr(batch_size_study, "STUDY_SETTINGS", {
         "sgd": ("sgd", None, (0.25, 0.5, 1.0, 2.0)),
         "adam, t2 fixed": ("adam", "t2", (1e-3, 2e-3, 4e-3, 8e-3))})
-    argv = ["--study", "--data", str(small_corpus(tmp_path)), "--out", str(tmp_path / "study")]
-    calls, train_lanes = [], train.train_lanes
+    argv = ["--data", str(small_corpus(tmp_path)), "--out", str(tmp_path / "study")]
+    calls, train_lanes = [], batch_size_study.train_lanes
 
     def interrupted_on_the_second_call(*args, **kwargs):    # Ctrl-C in the second training call
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return train_lanes(*args, **kwargs)
-    monkeypatch.setattr(train, "train_lanes", interrupted_on_the_second_call)
+    monkeypatch.setattr(batch_size_study, "train_lanes", interrupted_on_the_second_call)
     with pytest.raises(SystemExit) as stop:
-        train.main(argv)
+        batch_size_study.main(argv)
     kept = json.loads((tmp_path / "study" / "study.json").read_text())["runs"]
     assert stop.value.code == 130 and len(kept) == 4
     assert "keeps the 4 finished runs" in capsys.readouterr().err
-    monkeypatch.setattr(train, "train_lanes", train_lanes)
-    train.main(argv)
+    monkeypatch.setattr(batch_size_study, "train_lanes", train_lanes)
+    batch_size_study.main(argv)
     result = json.loads((tmp_path / "study" / "study.json").read_text())
     assert result["config"]["t2"] == pytest.approx(4 * 16 * math.log(0.5) / math.log(0.95))
     for setting, cells in result["cells"].items():
@@ -1027,25 +1040,25 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
     markdown = (tmp_path / "study" / "study.md").read_text()
     assert "| 1 | " in markdown and "`--batch 4 --grad-accum 4`" in markdown
     assert result["reused"] == 4 and result["runs"][:4] == kept
-    monkeypatch.setattr(train, "train_lanes", lambda *a, **k: pytest.fail("trained again"))
-    train.main(argv)
+    monkeypatch.setattr(batch_size_study, "train_lanes", lambda *a, **k: pytest.fail("trained again"))
+    batch_size_study.main(argv)
     assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"] == result["cells"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        train.main(argv + ["--seed", "1"])
+        batch_size_study.main(argv + ["--seed", "1"])
     assert stop.value.code == 2 and "holds a study with other settings" in capsys.readouterr().err
     assert json.loads((tmp_path / "study" / "study.json").read_text())["runs"] == result["runs"]
 
 
 def test_memory_rows_match_a_count_by_hand():
-    """--memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32 weight, 2 a
+    """experiments.memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32 weight, 2 a
     bf16 one; adam holds m and v (8 bytes a parameter) plus its step; adafactor one row and one
     column mean per matrix plus its step; the accumulation buffer 4 bytes a parameter."""
     cfg = model.PRESETS["30m"]
     matrices = [(cfg.V, cfg.D), (cfg.D, cfg.V)] + cfg.L * [(cfg.D, cfg.D)] * 4 + cfg.L * [
         (cfg.D, 4 * cfg.D), (4 * cfg.D, cfg.D)]
     n = sum(r * c for r, c in matrices)
-    rows = {r["dtype"]: r for r in train.memory_rows() if r["model"] == "30m"}
+    rows = {r["dtype"]: r for r in memory.memory_rows() if r["model"] == "30m"}
     assert rows["float32"]["params"] == n and rows["float32"]["weights"] == 4 * n
     assert rows["bfloat16"]["weights"] == 2 * n
     for r in rows.values():
@@ -1057,21 +1070,128 @@ def test_memory_rows_match_a_count_by_hand():
 def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_percent():
     """The rule, on hand-made timings: stop after two doublings without 5 % over the best before
     them; pick the smallest B within 10 % of the best tokens/s."""
-    assert not train.throughput_stopped_rising([100, 190, 300])
-    assert not train.throughput_stopped_rising([100, 190, 300, 310])   # one flat doubling
-    assert train.throughput_stopped_rising([100, 190, 300, 310, 312])
-    assert train.pick_batch([(1, 100), (2, 190), (4, 300), (8, 310), (16, 312)]) == 4
-    assert train.pick_batch([(1, 100), (2, 95), (4, 80)]) == 1
+    assert not find_batch.throughput_stopped_rising([100, 190, 300])
+    assert not find_batch.throughput_stopped_rising([100, 190, 300, 310])   # one flat doubling
+    assert find_batch.throughput_stopped_rising([100, 190, 300, 310, 312])
+    assert find_batch.pick_batch([(1, 100), (2, 190), (4, 300), (8, 310), (16, 312)]) == 4
+    assert find_batch.pick_batch([(1, 100), (2, 95), (4, 80)]) == 1
 
 
 def test_find_batch_runs_on_this_device(monkeypatch, capsys):
-    """--find-batch times the real step at B = 1, 2, 4, ..., prints tokens/s per B and recommends
+    """find_batch times the real step at B = 1, 2, 4, ..., prints tokens/s per B and recommends
     one of the batch sizes it timed."""
     monkeypatch.setitem(model.PRESETS, "tiny", SMALL)
-    monkeypatch.setattr(train, "throughput_stopped_rising", lambda tok_s: len(tok_s) == 3)
-    pick = train.main(["--find-batch", "--opt", "adafactor"])
+    monkeypatch.setattr(find_batch, "throughput_stopped_rising", lambda tok_s: len(tok_s) == 3)
+    pick = find_batch.main(["--opt", "adafactor"])
     printed = capsys.readouterr().out
     rows = re.findall(r"^ +(\d+) +(\d+) +[\d.]+ +([\d,]+)  ", printed, re.M)
     assert [int(b) for b, _, _ in rows] == [1, 2, 4]
     assert [int(t) for _, t, _ in rows] == [16, 32, 64]              # B x T tokens per step
     assert f"recommended: --batch {pick}," in printed and pick in (1, 2, 4)
+
+
+def test_bf16_rounding_trains_its_grid_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
+    """experiments.bf16_rounding trains float32, bf16-nearest and bf16-stochastic runs of
+    train.py and tabulates their bytes and final losses: each loss is its run's config.json's,
+    the float32 run's equals a plain `train.py` run with the same flags, bf16 halves the bytes
+    of the weights; run again, it trains nothing and writes the same table."""
+    corpus, out = small_corpus(tmp_path), tmp_path / "bf16"
+    argv = ["--opt", "sgd", "--tokens", "1k", "--data", str(corpus), "--out", str(out)]
+    bf16_rounding.main(argv)
+    rows = [line.split(" | ") for line in (out / "bf16.md").read_text().splitlines()[2:]]
+    assert [r[1] for r in rows] == ["float32", "bf16, nearest", "bf16, stochastic"]
+    n = 2 * 50_257 * 64 + 4 * 12 * 64 * 64                 # the tiny preset, counted by hand
+    assert [r[2] for r in rows] == [f"{4 * n:,} + 0", f"{2 * n:,} + 0", f"{2 * n:,} + 0"]
+    for row, folder in zip(rows, ["sgd-float32", "sgd-bf16-nearest", "sgd-bf16-stochastic"]):
+        config = json.loads((out / folder / "config.json").read_text())
+        assert row[3] == f"{config['final_val_loss']:.3f}"
+    train.main(["--opt", "sgd", "--tokens", "1k", "--data", str(corpus), "--sample", "0",
+                "--out", str(tmp_path / "plain")])
+    plain = json.loads((tmp_path / "plain" / "config.json").read_text())["final_val_loss"]
+    assert plain == json.loads((out / "sgd-float32" / "config.json").read_text())["final_val_loss"]
+    table = (out / "bf16.md").read_text()
+    monkeypatch.setattr(train, "main", lambda *a: pytest.fail("trained again"))
+    bf16_rounding.main(argv)
+    assert (out / "bf16.md").read_text() == table and "reused" in capsys.readouterr().out
+
+
+# -- the layout: a core that reads as a tutorial, and the experiments beside it ------------------
+
+def imports_of(path):
+    """The top-level module names a file imports."""
+    import ast
+    tree = ast.parse(path.read_text())
+    return {alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "")
+            for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names} | {f"experiments.{alias.name}" for node in ast.walk(tree)
+                                        if isinstance(node, ast.ImportFrom)
+                                        and node.module == "experiments" for alias in node.names}
+
+
+def test_imports_are_star_shaped():
+    """train.py imports model, optim and data, which import none of each other; the core imports
+    no experiment, and each experiment imports the core and no other experiment."""
+    core = {"train", "model", "optim", "data"}
+    assert imports_of(HERE / "train.py") & core == {"model", "optim", "data"}
+    for name in ("model", "optim", "data"):
+        assert not imports_of(HERE / f"{name}.py") & (core | {"experiments"}), name
+    programs = sorted(p for p in (HERE / "experiments").glob("*.py") if p.stem != "__init__")
+    assert [p.stem for p in programs] == ["batch_size_study", "bf16_rounding", "find_batch",
+                                          "memory", "momentum_toy"]
+    for path in programs:
+        found = imports_of(path)
+        assert "experiments" not in found and not any(n.startswith("experiments.") for n in found)
+        assert found & core, path.name
+
+
+@pytest.mark.parametrize("program", [batch_size_study, bf16_rounding, find_batch, memory,
+                                     momentum_toy])
+def test_each_experiment_has_help(program, capsys):
+    """`python -m experiments.NAME --help` prints a usage line naming that command and exits 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        program.main(["--help"])
+    name = program.__name__.split(".")[-1]
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m experiments.{name}")
+
+
+def test_shipped_files_cite_the_paper_not_the_team_notes():
+    """No shipped file cites PAPER.md (the team's notes, not in the repository)."""
+    shipped = [*HERE.glob("*.py"), *HERE.glob("*.md"), *(HERE / "experiments").glob("*.py"),
+               HERE / "experiments" / "README.md"]
+    assert [p.name for p in shipped if "PAPER.md" in p.read_text()] == ["test_all.py"]
+
+
+def test_an_optimizer_is_one_function_and_one_table_entry(tmp_path, monkeypatch, capsys):
+    """A new optimizer (sign-SGD, written here) given one OPTIMIZERS entry is an --opt choice with
+    its default lr, trains, and is refused the flags of moments it does not keep."""
+    def sign_sgd():
+        return optim.Optimizer(lambda params: {}, lambda grads, state, params, lr: (
+            jax.tree.map(lambda g: -lr * jnp.sign(g).astype(jnp.float32), grads), state))
+    monkeypatch.setitem(train.OPTIMIZERS, "signsgd",
+                        dict(make=sign_sgd, lr=1e-3, b1=None, t2=None, decay=False))
+    train.main(["--opt", "signsgd", "--data", str(small_corpus(tmp_path)), "--tokens", "512",
+                "--sample", "0", "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "optimizer  signsgd: peak lr 0.001, weight decay 0" in printed
+    assert "optimizer state 0 bytes" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--opt", "signsgd", "--t2", "1M", "--out", "/dev/null/x"])
+    assert exit_info.value.code == 2
+    assert "--b2/--t2 do not apply to signsgd" in capsys.readouterr().err
+
+
+def test_tied_embeddings_print_the_parameters_that_exist(tmp_path, monkeypatch, capsys):
+    """With the embeddings tied (the classic exercise: no "unembed", the output layer is embed.T)
+    the start-up line counts the parameters of the dict, one embedding, and the run trains."""
+    init, forward = model.init_params, model.forward
+    monkeypatch.setattr(model, "init_params", lambda key, cfg: {
+        k: v for k, v in init(key, cfg).items() if k != "unembed"})
+    monkeypatch.setattr(model, "forward", lambda params, x, cfg: forward(
+        {**params, "unembed": params["embed"].T}, x, cfg))
+    train.main(["--data", str(small_corpus(tmp_path)), "--tokens", "512", "--sample", "0",
+                "--out", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    n_embed, n_blocks = 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
+    assert (f"{n_embed + n_blocks:,} parameters ({n_blocks:,} non-embedding + {n_embed:,} embed)"
+            in printed) and "unembed" not in printed
