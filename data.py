@@ -137,6 +137,11 @@ def compact_vocab(train, val, V):
     return table[train], table[val]
 
 
+def fingerprint(*token_arrays):
+    """A short hash of the tokens: what a checkpoint records of the data it was trained on."""
+    return hashlib.sha256(b"".join(t.tobytes() for t in token_arrays)).hexdigest()[:16]
+
+
 def val_batches(val, T):
     """The whole validation split as inputs and targets [N, T]: every token is predicted once."""
     n = (len(val) - 1) // T

@@ -13,7 +13,6 @@ are programs in experiments/ that import this file.
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -49,13 +48,14 @@ OPTIMIZERS = {
 POSITIVE = ("a positive integer", lambda v: v >= 1)
 TOKENS = ("a number of tokens > 0", lambda v: v > 0)
 BETA = ("a number in [0, 1)", lambda v: 0 <= v < 1)
-ACCEPTS = {
-    "batch": POSITIVE, "grad_accum": POSITIVE, "b1": BETA, "b2": BETA, "t1": TOKENS, "t2": TOKENS,
+ACCEPTS = {   # checked in this order
+    "batch": POSITIVE, "grad_accum": POSITIVE,
     "lr": ("a finite number > 0", lambda v: 0 < v < math.inf),
+    "b1": BETA, "b2": BETA, "t1": TOKENS, "t2": TOKENS,
     "weight_decay": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
-    "warmup": ("a fraction in [0, 1)", lambda v: 0 <= v < 1),
+    "warmup": ("a fraction in [0, 1)", lambda v: 0 <= v < 1), "tokens": TOKENS,
     "seed": ("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63),
-    "tokens": TOKENS, "log_tokens": TOKENS, "eval_tokens": TOKENS, "ckpt_tokens": TOKENS,
+    "log_tokens": TOKENS, "eval_tokens": TOKENS, "ckpt_tokens": TOKENS,
     "sample": ("a number of tokens >= 0", lambda v: v >= 0),
 }
 # The flags --resume lets change: the budget, where it logs, the data file's path (its tokens
@@ -92,11 +92,12 @@ def common_flags():
     these flags)."""
     p = Parser(add_help=False)
     add = p.add_argument
-    add("--model", choices=list(model.PRESETS), default="tiny", help="model preset")
+    add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
     add("--data", default=os.path.relpath(data.DEFAULT_TEXT),
         help="any UTF-8 text file (default: the shipped Shakespeare)")
-    add("--seed", type=int, default=0, help="seeds init, data order and rounding")
-    add("--opt", choices=list(OPTIMIZERS), default="sgd", help="optimizer (sgd keeps no state)")
+    add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
+    add("--opt", choices=list(OPTIMIZERS), default="sgd",
+        help="optimizer (default %(default)s, which without momentum keeps no state at all)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
         f"{name} {o['lr']:g}" for name, o in OPTIMIZERS.items()) + ")")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
@@ -105,9 +106,10 @@ def common_flags():
     b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor)")
     b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
                     "(default 10M, the paper's: β2 then follows the batch size)")
-    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay, adam only")
-    add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
-        help="dtype the parameters are stored in; optimizer state and math stay float32")
+    add("--weight-decay", type=float, default=0.0,
+        help="decoupled weight decay, adam only (default %(default)s, as the paper at small batch)")
+    add("--param-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the "
+        "parameters are stored in (default %(default)s); optimizer state and math stay float32")
     add("--rounding", choices=["nearest", "stochastic"], help="how bfloat16 parameters are "
         "rounded after each update (default stochastic, the paper's Fig. 9)")
     return p
@@ -117,20 +119,22 @@ def make_parser():
     p = Parser(description="Train a GPT at small batch sizes (Marek et al., 2025).",
                parents=[common_flags()])
     add = p.add_argument
-    add("--batch", type=int, default=1, help="sequences per optimizer step, B (default 1)")
+    add("--batch", type=int, default=1, help="sequences per optimizer step, B (%(default)s)")
     add("--grad-accum", type=int, default=1, help="split each step's batch into K micro-batches, "
         "gradients summed in a float32 buffer (default 1: none, as one device never needs it)")
-    add("--warmup", type=float, default=0.05, help="fraction of the steps in linear warmup")
+    add("--warmup", type=float, default=0.05,
+        help="fraction of the steps in linear warmup (%(default)s)")
     add("--tokens", type=count, help="training budget in tokens (default: one pass over the data)")
     add("--out", help="output folder (default out/<model>-<opt>-b<batch>, plus -accum<K> with "
         "--grad-accum and -bf16-<rounding> for bf16 weights)")
-    add("--log-tokens", type=count, default=16_384, help="log every this many tokens")
-    add("--eval-tokens", type=count, default=100_000, help="evaluate every this many tokens")
-    add("--ckpt-tokens", type=count, default=100_000, help="write <out>/ckpt.npz every this "
-        "many tokens, at the end and on Ctrl-C (raise it on a GPU)")
+    add("--log-tokens", type=count, default=16_384, help="log every this many tokens (%(default)s)")
+    add("--eval-tokens", type=count, default=100_000,
+        help="evaluate every this many tokens and at the end (%(default)s)")
+    add("--ckpt-tokens", type=count, default=100_000, help="write <out>/ckpt.npz every this many "
+        "tokens, at the end and on Ctrl-C (%(default)s; raise it on a GPU)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
         "exactly; only the budget, data path, --grad-accum and logging flags may change")
-    add("--sample", type=int, default=200, help="tokens to sample at the end")
+    add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     return p
 
 
@@ -139,9 +143,9 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     parser.set_defaults(**{name: None for name in vars(args)})   # now untyped flags parse to None
     given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not None}
-    for name, value in vars(args).items():
-        accepted, ok = ACCEPTS.get(name, (None, None))
-        if ok and value is not None and not ok(value):
+    for name, (accepted, ok) in ACCEPTS.items():
+        value = getattr(args, name, None)           # None: not given, or not this parser's
+        if value is not None and not ok(value):
             die(f"--{name.replace('_', '-')} must be {accepted}, got {value}.")
     return args, given
 
@@ -155,14 +159,14 @@ def make_optimizer(args, tokens_per_step):
     for b, t, default, which in [("b1", "t1", o["b1"], "first"), ("b2", "t2", o["t2"], "second")]:
         if default is None and (getattr(args, b) is not None or getattr(args, t) is not None):
             die(f"--{b}/--{t} do not apply to {args.opt}, which keeps no {which} moment.")
-    if args.weight_decay and not o["decay"]:
-        die("--weight-decay applies to " + ", ".join(n for n, o in OPTIMIZERS.items() if o["decay"])
-            + f" only; the paper uses none with {args.opt}.")
     if args.param_dtype == "float32" and args.rounding:
         die("--rounding applies to --param-dtype bfloat16 only; float32 parameters store the "
             "float32 sum exactly.")
     if args.param_dtype == "bfloat16":
         args.rounding = args.rounding or "stochastic"
+    if args.weight_decay and not o["decay"]:
+        die("--weight-decay applies to " + ", ".join(n for n, o in OPTIMIZERS.items() if o["decay"])
+            + f" only; the paper uses none with {args.opt}.")
     from_halflife = lambda t: optim.beta_from_halflife(t, tokens_per_step)
     betas = {}
     if o["b1"] is not None:      # a β by default (Adam's 0.9), or from --t1's half-life
@@ -248,17 +252,19 @@ def all_finite(tree):
 def main(argv=None):
     args, given = parse_args(make_parser(), argv)
     out, ckpt, meta = open_run(args, given)            # on --resume: the checkpoint's flags
-    if args.batch % args.grad_accum:
-        die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
-            "the K micro-batches holds B/K whole sequences, so K must divide B.")
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
     opt, betas = make_optimizer(args, tokens_per_step)
+    if args.batch % args.grad_accum:
+        die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
+            "the K micro-batches holds B/K whole sequences, so K must divide B.")
+    if not meta:
+        refuse_to_overwrite(out)
     try:
         train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
     except data.DataError as e:
         die(str(e))
-    data_hash = hashlib.sha256(train_tokens.tobytes() + val_tokens.tobytes()).hexdigest()[:16]
+    data_hash = data.fingerprint(train_tokens, val_tokens)
     if meta and data_hash != meta["data_sha256"]:
         die(f"the tokens of --data {args.data} differ from those the checkpoint was trained on.")
     budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
@@ -344,14 +350,21 @@ def main(argv=None):
         return val_loss
 
     # -- the loop --------------------------------------------------------------------------
+    # Ctrl-C lets the current step finish, then the loop stops and a checkpoint is written;
+    # a second Ctrl-C aborts at once (the last checkpoint stays whole: it is written atomically).
+    interrupted, previous_handler = [], signal.getsignal(signal.SIGINT)
+    def on_sigint(*_):
+        interrupted.append(True)
+        signal.signal(signal.SIGINT, previous_handler)
+    signal.signal(signal.SIGINT, on_sigint)
     # Besides the arrays, a checkpoint holds what the loop keeps on the host, so that a resumed
     # run logs as if it had never stopped: the step that opened the current logging window, the
     # last validation loss, and the clocks (training time so far, for the eta; the window's
     # time; the time since the start), as seconds.
-    clock = meta or {"window_start": 0, "train_time": 0.0, "window_s": 0.0, "elapsed_s": 0.0}
-    window_start, train_time = clock["window_start"], clock["train_time"]
-    t_start, t_window = time.time() - clock["elapsed_s"], time.time() - clock["window_s"]
+    t_start = time.time() - (meta["elapsed_s"] if meta else 0)
     val_loss = meta["val_loss"] if meta else run_eval(0)
+    t_window = time.time() - (meta["window_s"] if meta else 0)
+    window_start, train_time = (meta["window_start"], meta["train_time"]) if meta else (0, 0.0)
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
@@ -365,13 +378,6 @@ def main(argv=None):
         return done
 
     saved_step = done = start if meta else checkpoint(0)   # a checkpoint from step 0 on
-    # Ctrl-C lets the current step finish, then the loop stops and a checkpoint is written;
-    # a second Ctrl-C aborts at once (the last checkpoint stays whole: it is written atomically).
-    interrupted = []
-    def on_sigint(*_):
-        interrupted.append(True)
-        signal.signal(signal.SIGINT, previous_handler)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
     # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
     crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
     try:
@@ -383,8 +389,8 @@ def main(argv=None):
             log_now = crossed(tokens, args.log_tokens) or last
             eval_now = crossed(tokens, args.eval_tokens) or last
             save_now = crossed(tokens, args.ckpt_tokens) or last or stop
-            if (log_now or eval_now or save_now) and diverged(stats, params, done):
-                bad = diverged(stats, params, done)    # nothing bad is logged or saved
+            # nothing bad is logged or saved: a host sync, so only at these points
+            if (log_now or eval_now or save_now) and (bad := diverged(stats, params, done)):
                 lr_bad = float(optim.lr_at(bad - 1, n_steps, lr, args.warmup))
                 log(step=bad, tokens=bad * tokens_per_step, diverged=True, lr=lr_bad)
                 print(f"error: the run diverged: the loss or the parameters were not finite by "
@@ -465,20 +471,12 @@ def diverged(stats, params, done):
 
 
 def open_run(args, given):
-    """(the output folder, the checkpoint's arrays, its meta): with --resume, the checkpoint of
-    the run to go on, whose flags replace the defaults; without, (out, None, None) once it is
-    sure that out holds no unfinished run."""
+    """(the output folder, the checkpoint's arrays, its meta): with --resume, those of the run
+    to go on, whose flags replace the defaults; without, (out, None, None)."""
     bf16 = f"-bf16-{args.rounding or 'stochastic'}" if args.param_dtype == "bfloat16" else ""
     accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
     out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}")
     if not args.resume:
-        try:
-            meta = load_checkpoint(out / "ckpt.npz")[1]
-        except CKPT_ERRORS:            # none, or unreadable: nothing that could be resumed
-            return out, None, None
-        if meta.get("step", 0) < meta.get("n_steps", 0):   # a finished run's folder is reused
-            die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
-                "continue it with --resume, or pass another --out to start a new one.")
         return out, None, None
     if "grad_accum" in given and not args.out:
         die("--resume with --grad-accum needs --out naming the run's folder: the default "
@@ -495,15 +493,26 @@ def open_run(args, given):
     if meta.get("version") != CKPT_VERSION:
         die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
             f"version {CKPT_VERSION}.")
+    flags = [f"--{n.replace('_', '-')}" for n in MAY_CHANGE_ON_RESUME]
     for name, value in meta["args"].items():   # a typed flag must agree, unless it may change
         if name in ("out", "resume") or (name in given and name in MAY_CHANGE_ON_RESUME):
             continue
         if name in given and getattr(args, name) != value:
             die(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
-                f"{value}; on resume only " + ", ".join(
-                    f"--{n.replace('_', '-')}" for n in MAY_CHANGE_ON_RESUME) + " may change.")
+                f"{value}; on resume only {', '.join(flags[:-1])} and {flags[-1]} may change.")
         setattr(args, name, value)
     return out, arrays, meta
+
+
+def refuse_to_overwrite(out):
+    """A new run may reuse a finished run's folder, never one that can still be resumed."""
+    try:
+        meta = load_checkpoint(out / "ckpt.npz")[1]
+    except CKPT_ERRORS:                # none, or unreadable: nothing that could be resumed
+        return
+    if meta.get("step", 0) < meta.get("n_steps", 0):
+        die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
+            "continue it with --resume, or pass another --out to start a new one.")
 
 
 def open_log(out, keep_to_step):

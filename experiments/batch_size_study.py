@@ -9,7 +9,6 @@ accumulated from micro-batches of 1 are compared. Writes <out>/study.md, study.j
 matplotlib) study.png; Ctrl-C keeps the finished runs. Design and results: experiments/README.md.
 """
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -111,16 +110,13 @@ def main(argv=None):
     p.add_argument("--model", choices=list(model.PRESETS), help="a model preset instead of the "
                    "study's CPU model (V=4096 D=64 L=2 H=1 T=32, with a compact vocabulary)")
     p.add_argument("--tokens", type=train.count, help=f"tokens per run (default {STUDY_TOKENS:,})")
-    p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT),
-                   help="any UTF-8 text file (default: the shipped Shakespeare)")
+    p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="any UTF-8 text")
     p.add_argument("--seed", type=int, default=0, help="seeds initialization and data order")
     p.add_argument("--out", default="out/study", help="output folder (default out/study)")
     args, _ = train.parse_args(p, argv)
     command = " ".join([p.prog] + (sys.argv[1:] if argv is None else argv))
-    t_start = time.time()
+    t_start, out, budget = time.time(), Path(args.out), args.tokens or STUDY_TOKENS
     cfg = model.PRESETS[args.model] if args.model else STUDY_MODEL
-    budget = args.tokens or STUDY_TOKENS
-    out = Path(args.out)
     try:
         train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=max(STUDY_BATCHES))
     except data.DataError as e:
@@ -135,8 +131,7 @@ def main(argv=None):
     t2 = optim.halflife_from_beta(0.95, max(STUDY_BATCHES) * cfg.T)
     config = {"model": dataclasses.asdict(cfg), "tokens": budget, "batches": STUDY_BATCHES,
               "settings": STUDY_SETTINGS, "t2": t2, "seed": args.seed, "warmup": 0.05,
-              "data_sha256": hashlib.sha256(
-                  train_tokens.tobytes() + val_tokens.tobytes()).hexdigest()[:16]}
+              "data_sha256": data.fingerprint(train_tokens, val_tokens)}
     config = json.loads(json.dumps(config))     # tuples as lists, as they come back from a file
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -347,4 +342,8 @@ def plot_study(result, path):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # outside the grid: study.json is whole
+        print("interrupted; run the same command again to go on from there", file=sys.stderr)
+        sys.exit(130)

@@ -8,7 +8,7 @@ each optimizer at its default learning rate) three times: float32 weights, bf16 
 to nearest, and bf16 weights rounded stochastically; then writes <out>/bf16.md, a table of the
 bytes held and the final validation losses. Each run is a train.py run in <out>/<opt>-<weights>/,
 so Ctrl-C keeps what is done and the same command goes on from there: a finished run with the
-same settings is reused, an interrupted one resumed.
+same settings and tokens is reused, an interrupted one resumed.
 """
 import json
 import os
@@ -27,42 +27,57 @@ WEIGHTS = {  # the name in the table: (folder suffix, train.py flags)
     "bf16, stochastic": ("bf16-stochastic", ["--param-dtype", "bfloat16", "--rounding",
                                              "stochastic"]),
 }
+# The flags that decide a run's result: a saved run is reused or resumed only if they all match.
+SETTINGS = ("model", "opt", "lr", "b1", "t1", "b2", "t2", "weight_decay", "param_dtype",
+            "rounding", "batch", "grad_accum", "warmup", "tokens", "seed")
 
 
-def run(opt, weights, args):
-    """Train (or reuse, or resume) one run; its config.json as a dict."""
+def same_run(meta, want, data_hash):
+    """Whether a checkpoint's meta is of the run `want` (resolved flags) on these tokens."""
+    return meta.get("data_sha256") == data_hash and all(
+        meta.get("args", {}).get(k) == want[k] for k in SETTINGS)
+
+
+def run(opt, weights, args, tokens, data_hash):
+    """Train (or reuse, or resume) one run: (its config.json as a dict, or None if it diverged,
+    and the bytes of its parameters and optimizer state)."""
     suffix, flags = WEIGHTS[weights]
     out = Path(args.out) / f"{opt}-{suffix}"
     flags = ["--batch", "1", "--opt", opt, *flags, "--data", args.data, "--seed", str(args.seed),
-             "--sample", "0", "--out", str(out)] + (["--tokens", str(args.tokens)] if args.tokens
-                                                    else [])
-    want, _ = train.parse_args(train.make_parser(), flags)   # the settings this run must have
-    same = lambda saved: all(saved[k] == getattr(want, k) for k in
-                             ("opt", "param_dtype", "rounding", "data", "seed", "batch"))
-    try:
-        config = json.loads((out / "config.json").read_text())
-        tokens = args.tokens and args.tokens // model.PRESETS["tiny"].T * model.PRESETS["tiny"].T
-        if config["steps_done"] == config["n_steps"] and same(config["args"]) and (
-                not tokens or config["args"]["tokens"] == tokens):       # tokens as resolved
-            print(f"reused     {out}: a finished run with these settings")
-            return config
-    except (OSError, ValueError, KeyError):
-        pass                                  # no finished run there: train one
+             "--tokens", str(tokens), "--sample", "0", "--out", str(out)]
+    want, _ = train.parse_args(train.make_parser(), flags)
+    cfg = model.PRESETS[want.model]
+    optimizer, _ = train.make_optimizer(want, cfg.T)          # also fills in --rounding
+    want.lr = want.lr or train.OPTIMIZERS[opt]["lr"]          # as train.py resolves them
+    want.tokens = tokens // cfg.T * cfg.T
+    shapes = jax.eval_shape(lambda: train.cast(model.init_params(jax.random.key(0), cfg),
+                                               want.param_dtype))
+    held = train.nbytes(shapes), train.nbytes(jax.eval_shape(optimizer.init, shapes))
     try:
         meta = train.load_checkpoint(out / "ckpt.npz")[1]
-        resume = meta["step"] < meta["n_steps"] and same(meta["args"])
     except train.CKPT_ERRORS:
-        resume = False
-    train.main(["--resume", "--out", str(out)] if resume else flags)
-    return json.loads((out / "config.json").read_text())
+        meta = {}
+    if same_run(meta, vars(want), data_hash) and meta["step"] == meta["n_steps"] and (
+            out / "config.json").exists():
+        print(f"reused     {out}: a finished run with these settings")
+    else:
+        try:
+            train.main(["--resume", "--out", str(out)] if same_run(meta, vars(want), data_hash)
+                       else flags)
+        except SystemExit as e:
+            if e.code != 3:                   # 3: diverged, which is a result too
+                raise
+            return None, held
+    return json.loads((out / "config.json").read_text()), held
 
 
 def table(rows):
     lines = ["| optimizer | weights | parameters + state, bytes | final validation loss | "
              "time |", "|---|---|---|---|---|"]
     for opt, weights, config, held in rows:
-        lines.append(f"| {opt} | {weights} | {held[0]:,} + {held[1]:,} | "
-                     f"{config['final_val_loss']:.3f} | {config['elapsed_s'] / 60:.1f} min |")
+        loss, time = ("diverged", "-") if config is None else (
+            f"{config['final_val_loss']:.3f}", f"{config['elapsed_s'] / 60:.1f} min")
+        lines.append(f"| {opt} | {weights} | {held[0]:,} + {held[1]:,} | {loss} | {time} |")
     return "\n".join(lines) + "\n"
 
 
@@ -77,25 +92,33 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds every run (default 0)")
     p.add_argument("--out", default="out/bf16", help="output folder (default out/bf16)")
     args, _ = train.parse_args(p, argv)
-    cfg, rows = model.PRESETS["tiny"], []
+    T = model.PRESETS["tiny"].T
+    try:
+        train_tokens, val_tokens = data.load(args.data, T=T, batch=1)
+    except data.DataError as e:
+        train.die(str(e))
+    data_hash = data.fingerprint(train_tokens, val_tokens)
+    tokens = args.tokens or data.n_windows(train_tokens, T) * T     # train.py's default budget
+    rows = []
     try:
         for opt in args.opt:
-            for weights, (_, flags) in WEIGHTS.items():
-                config = run(opt, weights, args)
-                optimizer_args = train.common_flags().parse_args(["--opt", opt, *flags])
-                optimizer, _ = train.make_optimizer(optimizer_args, cfg.T)
-                shapes = jax.eval_shape(lambda: train.cast(model.init_params(
-                    jax.random.key(0), cfg), optimizer_args.param_dtype))
-                held = train.nbytes(shapes), train.nbytes(jax.eval_shape(optimizer.init, shapes))
-                rows.append((opt, weights, config, held))
+            for weights in WEIGHTS:
+                rows.append((opt, weights, *run(opt, weights, args, tokens, data_hash)))
     except SystemExit as e:
         if e.code == 130:                     # Ctrl-C inside a run: its checkpoint is written
             print("interrupted; run the same command again to go on from there", file=sys.stderr)
         raise
-    (Path(args.out) / "bf16.md").write_text(table(rows))
+    try:
+        (Path(args.out) / "bf16.md").write_text(table(rows))
+    except OSError as e:
+        train.die(f"--out {args.out} cannot be written ({e.strerror}).")
     print(f"\n{table(rows)}\nwrote {args.out}/bf16.md (time: each run's training and evaluation, "
           "without compilation)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # outside a run's loop: its checkpoint is whole
+        print("interrupted; run the same command again to go on from there", file=sys.stderr)
+        sys.exit(130)

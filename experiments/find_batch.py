@@ -11,6 +11,7 @@ recommends the smallest B within 10 % of the best tokens/s. Memory: the device's
 use on a GPU; on a CPU, which does not report it, XLA's estimate of the step's temporaries.
 """
 import math
+import sys
 import time
 
 import jax
@@ -98,4 +99,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

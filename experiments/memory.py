@@ -8,6 +8,8 @@ which allocates nothing). Optimizer state and the buffer are float32 whatever th
 (optim.py keeps its state and arithmetic in float32); the paper's Fig. 7 keeps everything in
 16 bits instead. Activations are not here: they depend on the batch (experiments.find_batch).
 """
+import sys
+
 import jax
 
 import model
@@ -55,4 +57,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

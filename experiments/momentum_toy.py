@@ -11,10 +11,11 @@ noise is larger than the gradient, in each direction alike. The toy steps with t
 optim.sgd, whose momentum is the paper's EMA form, so the paper's learning rates carry over
 unchanged (heavy-ball momentum, m ← β·m + g, would need each lr times 1 − β: see sgd's
 docstring). 1,000 noise seeds per setting, vectorised with jax.vmap, stepped with jax.lax.scan
-(jax.lax.fori_loop for the sweep). The README shows its output and reads it.
+(jax.lax.fori_loop for the sweep). experiments/README.md shows its output; the tests read it.
 """
 import argparse
 import math
+import sys
 from functools import partial
 
 import jax
@@ -246,4 +247,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
