@@ -43,7 +43,8 @@ class Config:
 PRESETS = {
     # default: one pass over the shipped corpus in under 5 minutes on a 2-core CPU (README)
     "tiny": Config(D=64, L=4, H=1, T=128),
-    # the paper's models: 30M = 10.6M non-embedding + 2 x 19.3M embedding parameters
+    # the paper's models. Its "30M" counts the non-embedding parameters plus one embedding:
+    # 10.6M + 19.3M = 29.9M (the untied output embedding adds another 19.3M)
     "30m": Config(D=384, L=6, H=3, T=512),
     "gpt2": Config(D=768, L=12, H=6, T=1024),
     "gpt3xl": Config(D=2048, L=24, H=16, T=2048),
@@ -54,22 +55,26 @@ BLOCK = {"wq": ("D", "D"), "wk": ("D", "D"), "wv": ("D", "D"), "wo": ("D", "D"),
          "w_up": ("D", "F"), "w_down": ("F", "D")}
 
 
+def fan_sum(name, cfg):
+    """fan_in + fan_out of a block matrix as the official code's Xavier counts them. Its attention
+    kernels are einsum kernels, q, k, v one [3, H, D, K] and the output [H, K, D], and JAX's
+    xavier_uniform multiplies both fans by the leading axes (3·H, or H): so q, k and v get
+    3H·(D + K), the output H·(K + D), where a D x D matrix would give D + D."""
+    D, H, K, F = cfg.D, cfg.H, cfg.K, cfg.F
+    return {"wq": 3 * H * (D + K), "wk": 3 * H * (D + K), "wv": 3 * H * (D + K),
+            "wo": H * (K + D), "w_up": D + F, "w_down": F + D}[name]
+
+
 def init_params(key, cfg):
-    """Xavier-uniform kernels and N(0, 1/D) embeddings, input and output, as in the paper.
-
-    Returns {name: float32 [rows, cols]}. Xavier is taken over each 2-D matrix; the official code
-    applies it to per-head einsum kernels, whose fan-in and fan-out count differently.
-    """
-    def xavier(key, shape):
-        bound = math.sqrt(6 / (shape[0] + shape[1]))
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
+    """Xavier-uniform kernels, with the official code's fans (fan_sum), and N(0, 1/D) embeddings,
+    input and output, as in the paper. Returns {name: float32 [rows, cols]}."""
     keys = iter(jax.random.split(key, 2 + len(BLOCK) * cfg.L))
     params = {"embed": jax.random.normal(next(keys), (cfg.V, cfg.D)) / math.sqrt(cfg.D)}
     for l in range(cfg.L):
         for name, (rows, cols) in BLOCK.items():
-            shape = (getattr(cfg, rows), getattr(cfg, cols))
-            params[f"blocks.{l}.{name}"] = xavier(next(keys), shape)
+            bound = math.sqrt(6 / fan_sum(name, cfg))
+            params[f"blocks.{l}.{name}"] = jax.random.uniform(
+                next(keys), (getattr(cfg, rows), getattr(cfg, cols)), jnp.float32, -bound, bound)
     params["unembed"] = jax.random.normal(next(keys), (cfg.D, cfg.V)) / math.sqrt(cfg.D)
     return params
 
@@ -84,34 +89,43 @@ def rope(x):
     T, K = x.shape[1], x.shape[3]                                # x: [B, T, H, K]
     freq = 10_000.0 ** (-jnp.arange(K // 2) / (K // 2))          # [K/2]
     angle = jnp.arange(T)[:, None, None] * freq                  # [T, 1, K/2]
-    sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x, 2, axis=-1)                            # [B, T, H, K/2] each
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def dense(x, w):
+    """x @ w with x cast to the weights' dtype and the result in float32. With bf16 weights only
+    the matrix multiplies see bf16 inputs (the tensor cores' path, as in picodo); activations,
+    norms, RoPE and the softmax stay float32, as in the official code, whose default float32
+    compute dtype also upcasts the weights. With float32 weights it is plain x @ w."""
+    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def attention(x, w, cfg):
     """Causal self-attention with QK-norm before RoPE, as in the paper."""
     B, T, _ = x.shape                                            # x: [B, T, D]
-    q, k, v = ((x @ w[n]).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
+    q, k, v = (dense(x, w[n]).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
     q, k = rope(rms_norm(q)), rope(rms_norm(k))                  # [B, T, H, K]
     s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(cfg.K)   # [B, H, T, T]
     s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)  # token t sees only s <= t
-    a = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(x.dtype)
-    return jnp.einsum("bhts,bshk->bthk", a, v).reshape(B, T, cfg.D) @ w["wo"]
+    a = jax.nn.softmax(s, axis=-1)
+    return dense(jnp.einsum("bhts,bshk->bthk", a, v).reshape(B, T, cfg.D), w["wo"])
 
 
 def mlp(x, w):
-    return jax.nn.gelu(x @ w["w_up"]) @ w["w_down"]             # [B, T, F] -> [B, T, D]
+    return dense(jax.nn.gelu(dense(x, w["w_up"])), w["w_down"])  # [B, T, F] -> [B, T, D]
 
 
 def forward(params, x, cfg):
-    """Token ids [B, T] -> next-token logits [B, T, V], in float32 whatever the weights' dtype."""
-    h = params["embed"][x]                                       # [B, T, D]
+    """Token ids [B, T] -> next-token logits [B, T, V]. Activations are float32 whatever the
+    weights' dtype (see dense)."""
+    h = params["embed"][x].astype(jnp.float32)                   # [B, T, D]
     for l in range(cfg.L):
         w = {name: params[f"blocks.{l}.{name}"] for name in BLOCK}
         h = h + attention(rms_norm(h), w, cfg)
         h = h + mlp(rms_norm(h), w)
-    return jnp.matmul(rms_norm(h), params["unembed"], preferred_element_type=jnp.float32)
+    return dense(rms_norm(h), params["unembed"])
 
 
 def loss_fn(params, x, y, cfg):

@@ -111,12 +111,14 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
             if "v_row" in v:
                 v_row = b2_t * v["v_row"] + (1 - b2_t) * g2.mean(axis=1)   # [rows]
                 v_col = b2_t * v["v_col"] + (1 - b2_t) * g2.mean(axis=0)   # [cols]
-                v_hat = jnp.outer(v_row, v_col) / v_row.mean()             # rank-1 estimate of g²
+                # g² ≈ outer(v_row, v_col) / mean(v_row), applied as a row factor times a column
+                # factor and never multiplied out: a row with no gradient has v_row ≈ eps, and the
+                # product would underflow to 0 and make u = 0/0 (as optax and the official code)
+                u = g * jax.lax.rsqrt(v_row / v_row.mean())[:, None] * jax.lax.rsqrt(v_col)
                 v = {"v_row": v_row, "v_col": v_col}
             else:
                 v = {"v": b2_t * v["v"] + (1 - b2_t) * g2}
-                v_hat = v["v"]
-            u = g / jnp.sqrt(v_hat)
+                u = g / jnp.sqrt(v["v"])
             u = u / jnp.maximum(1.0, _rms(u) / clip)                        # clip the update's RMS
             return -lr * jnp.maximum(_rms(p), 1e-3) * u, v                  # relative step size
 

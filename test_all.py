@@ -132,6 +132,33 @@ def test_adafactor_matches_numpy(decay_power):
         np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-2, 1e-3, 1e-4])
+def test_adafactor_stays_finite_when_rows_get_no_gradient(scale):
+    """A 1024x384 embedding whose batch touches 10 rows (the rest get g = 0, so v_row = eps) gets
+    finite updates equal to float64 numpy, where outer(v_row, v_col) cannot underflow as in float32."""
+    rng = np.random.default_rng(0)
+    p = rng.normal(0, 0.05, (1024, 384))
+    b2, eps, lr = 0.9999, 1e-30, 1e-2
+    opt = optim.adafactor(b2=b2, eps=eps)
+    params = {"embed": jnp.asarray(p, jnp.float32)}
+    state, R, C = opt.init(params), 0.0, 0.0
+    for t in range(1, 4):
+        g = np.zeros_like(p)
+        g[rng.choice(1024, 10, replace=False)] = rng.normal(0, scale, (10, 384))
+        updates, state = opt.update({"embed": jnp.asarray(g, jnp.float32)}, state, params, lr)
+        decay = b2 * (1 - b2 ** (t - 1)) / (1 - b2 ** t)         # Adafactor's corrected β̂2_t
+        R = decay * R + (1 - decay) * (g ** 2 + eps).mean(axis=1)
+        C = decay * C + (1 - decay) * (g ** 2 + eps).mean(axis=0)
+        u = g / np.sqrt(np.outer(R, C) / R.mean())
+        u = u / max(1.0, np.sqrt(np.mean(u ** 2)))
+        want = -lr * max(np.sqrt(np.mean(p ** 2)), 1e-3) * u
+        got = np.asarray(updates["embed"])
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+        params = optim.apply_updates(params, updates)
+        p = np.asarray(params["embed"], np.float64)
+
+
 def test_adafactor_state_is_factored():
     """A 384x1536 matrix keeps 384 + 1536 second-moment numbers; a 64x384 one keeps all 24,576."""
     state = optim.adafactor().init({"big": jnp.zeros((384, 1536)), "thin": jnp.zeros((64, 384))})
@@ -336,6 +363,44 @@ def test_30m_parameter_count():
     assert round(non_embed / 1e6, 1) == 10.6 and round(embed["embed"] / 1e6, 1) == 19.3
 
 
+def test_init_bounds_are_the_official_codes():
+    """At 30m every matrix is uniform in ± the official code's Xavier bound: q, k, v 0.0361 and
+    the output 0.0625 (its einsum kernels [3, H, D, K] and [H, K, D]), the MLP sqrt(6 / (D + 4D))."""
+    params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), model.PRESETS["30m"])
+    want = {"wq": 0.0361, "wk": 0.0361, "wv": 0.0361, "wo": 0.0625,
+            "w_up": math.sqrt(6 / (384 + 1536)), "w_down": math.sqrt(6 / (1536 + 384))}
+    for l in range(6):
+        for name, bound in want.items():
+            w = np.asarray(params[f"blocks.{l}.{name}"])
+            assert bound * 0.998 < np.abs(w).max() <= bound * 1.001          # 147k+ draws
+            assert abs(w.std() - bound / math.sqrt(3)) < 0.01 * bound       # a uniform's std
+    assert abs(float(params["embed"].std()) - 1 / math.sqrt(384)) < 1e-3    # N(0, 1/D)
+
+
+def bf16_ops(jaxpr):
+    """The primitives of a jaxpr, nested calls included, that produce a bfloat16 value."""
+    for eqn in jaxpr.eqns:
+        for sub in eqn.params.values():
+            if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                yield from bf16_ops(getattr(sub, "jaxpr", sub))
+        if any(getattr(v.aval, "dtype", None) == jnp.bfloat16 for v in eqn.outvars):
+            yield eqn.primitive.name
+
+
+def test_bf16_weights_keep_float32_activations():
+    """With bf16 weights the forward computes in bf16 only the embedding lookup and the casts that
+    feed the matrix multiplies (norms, RoPE, softmax stay float32, as in the official code), and
+    its logits stay within 0.5 % (RMS) of the float32 forward of the same bf16-valued weights."""
+    bf16 = {k: v.astype(jnp.bfloat16) for k, v in model.init_params(jax.random.key(0), SMALL).items()}
+    x = jax.random.randint(jax.random.key(1), (2, SMALL.T), 0, SMALL.V)
+    jaxpr = jax.make_jaxpr(lambda p: model.forward(p, x, SMALL))(bf16).jaxpr
+    assert set(bf16_ops(jaxpr)) == {"gather", "convert_element_type"}
+    got = model.forward(bf16, x, SMALL)
+    want = model.forward({k: v.astype(jnp.float32) for k, v in bf16.items()}, x, SMALL)
+    assert got.dtype == jnp.float32
+    assert float(jnp.sqrt(jnp.mean((got - want) ** 2) / jnp.mean(want ** 2))) < 0.005
+
+
 def test_generate_reads_the_last_real_token():
     """At a near-zero temperature generate picks the argmax of forward on the unpadded context,
     also once the context is longer than the window (so padding and slicing are right)."""
@@ -507,6 +572,21 @@ def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
     assert "optimizer state 0 bytes" in printed and "1 steps" in printed
 
 
+def test_adafactor_decay_flag_picks_the_schedule():
+    """--adafactor-decay power trains with the official schedule β2_t = 1 − t^(−β2) and the default
+    with the constant, corrected β2: the two give the updates of optim.adafactor's two forms."""
+    params, grads = params_and_grads(shapes=((3, 5),))
+    for flag, decay_power in [([], None), (["--adafactor-decay", "power"], 0.5)]:
+        flags = train.common_flags().parse_args(["--opt", "adafactor", "--b2", "0.5", *flag])
+        got = run_optimizer(train.make_optimizer(flags, 128)[0], params, grads, [0.1] * 3)
+        want = run_optimizer(optim.adafactor(b2=0.5, decay_power=decay_power), params, grads,
+                             [0.1] * 3)
+        other = run_optimizer(optim.adafactor(b2=0.5, decay_power=0.5 if decay_power is None
+                                              else None), params, grads, [0.1] * 3)
+        np.testing.assert_array_equal(got["w0"], want["w0"])
+        assert not np.allclose(got["w0"], other["w0"], rtol=1e-6, atol=0)
+
+
 def test_token_counts_read_like_people_write_them():
     """--tokens, --t2 and friends accept 300000, 3e5, 300k, 10M and 1.5B."""
     assert [train.count(s) for s in ["300000", "3e5", "300k", "10M", "1.5B"]] == [
@@ -531,6 +611,7 @@ def test_token_counts_read_like_people_write_them():
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
     (["--opt", "sgd", "--weight-decay", "0.1"], "--weight-decay applies to adam only"),
+    (["--opt", "adam", "--adafactor-decay", "power"], "--adafactor-decay applies to adafactor"),
     (["--rounding", "stochastic"], "--rounding applies to --param-dtype bfloat16 only"),
     (["--param-dtype", "float16"], "--param-dtype"),
     (["--eval-tokens", "0"], "--eval-tokens must be a number of tokens > 0"),

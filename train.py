@@ -108,6 +108,9 @@ def common_flags():
                     "(default 10M, the paper's: β2 then follows the batch size)")
     add("--weight-decay", type=float, default=0.0,
         help="decoupled weight decay, adam only (default %(default)s, as the paper at small batch)")
+    add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
+        "--t2/--b2 with bias correction (the default, as the paper describes it), or power, the "
+        "official code's schedule β2_t = 1 − t^(−β2)")
     add("--param-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the "
         "parameters are stored in (default %(default)s); optimizer state and math stay float32")
     add("--rounding", choices=["nearest", "stochastic"], help="how bfloat16 parameters are "
@@ -164,6 +167,10 @@ def make_optimizer(args, tokens_per_step):
             "float32 sum exactly.")
     if args.param_dtype == "bfloat16":
         args.rounding = args.rounding or "stochastic"
+    if args.adafactor_decay and args.opt != "adafactor":
+        die(f"--adafactor-decay applies to adafactor only, not {args.opt}.")
+    if args.opt == "adafactor":
+        args.adafactor_decay = args.adafactor_decay or "constant"
     if args.weight_decay and not o["decay"]:
         die("--weight-decay applies to " + ", ".join(n for n, o in OPTIMIZERS.items() if o["decay"])
             + f" only; the paper uses none with {args.opt}.")
@@ -177,7 +184,10 @@ def make_optimizer(args, tokens_per_step):
         if beta >= 1:            # 0.5 ** (B·T / t) rounds to 1 when t >> B·T
             die(f"--t{name[1]} is so long that {name} rounds to 1 at {tokens_per_step:,} tokens "
                 "per step, and the average would never move; give a shorter half-life.")
-    return o["make"](**betas, **({"weight_decay": args.weight_decay} if o["decay"] else {})), betas
+    extra = {"weight_decay": args.weight_decay} if o["decay"] else {}
+    if args.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
+        extra["decay_power"] = betas["b2"]
+    return o["make"](**betas, **extra), betas
 
 
 # -- the train step -----------------------------------------------------------------------------
@@ -298,7 +308,8 @@ def main(argv=None):
         f", {'momentum' if name == 'b1' and args.opt == 'sgd' else name} {beta:.6g} (half-life "
         f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
         for name, beta in betas.items() if beta) or (", no momentum" if args.opt == "sgd" else ""))
-        + f", weight decay {args.weight_decay:g}")
+        + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if args.adafactor_decay == "power"
+           else "") + f", weight decay {args.weight_decay:g}")
     print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
