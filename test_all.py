@@ -612,6 +612,7 @@ def test_token_counts_read_like_people_write_them():
     (["--seed", "-1"], "--seed must be an integer in [0, 2^63)"),
     (["--opt", "sgd", "--weight-decay", "0.1"], "--weight-decay applies to adam only"),
     (["--opt", "adam", "--adafactor-decay", "power"], "--adafactor-decay applies to adafactor"),
+    (["--tok", "30k"], "unrecognized arguments: --tok"),       # no prefix matching of flags
     (["--rounding", "stochastic"], "--rounding applies to --param-dtype bfloat16 only"),
     (["--param-dtype", "float16"], "--param-dtype"),
     (["--eval-tokens", "0"], "--eval-tokens must be a number of tokens > 0"),

@@ -73,6 +73,9 @@ def die(message):
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):   # no prefix matching: --tok 30k is a mistake, not --tokens
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):  # argparse's own messages name the flag and the accepted values
         die(message)
 
