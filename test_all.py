@@ -135,7 +135,7 @@ def test_adafactor_matches_numpy(decay_power):
 @pytest.mark.parametrize("scale", [1e-2, 1e-3, 1e-4])
 def test_adafactor_stays_finite_when_rows_get_no_gradient(scale):
     """A 1024x384 embedding whose batch touches 10 rows (the rest get g = 0, so v_row = eps) gets
-    finite updates equal to float64 numpy, where outer(v_row, v_col) cannot underflow as in float32."""
+    finite updates equal to float64 numpy, where outer(v_row, v_col) cannot underflow."""
     rng = np.random.default_rng(0)
     p = rng.normal(0, 0.05, (1024, 384))
     b2, eps, lr = 0.9999, 1e-30, 1e-2
@@ -365,7 +365,7 @@ def test_30m_parameter_count():
 
 def test_init_bounds_are_the_official_codes():
     """At 30m every matrix is uniform in ± the official code's Xavier bound: q, k, v 0.0361 and
-    the output 0.0625 (its einsum kernels [3, H, D, K] and [H, K, D]), the MLP sqrt(6 / (D + 4D))."""
+    the output 0.0625 (its einsum kernels [3, H, D, K], [H, K, D]), the MLP sqrt(6 / (D + 4D))."""
     params = jax.jit(model.init_params, static_argnums=1)(jax.random.key(0), model.PRESETS["30m"])
     want = {"wq": 0.0361, "wk": 0.0361, "wv": 0.0361, "wo": 0.0625,
             "w_up": math.sqrt(6 / (384 + 1536)), "w_down": math.sqrt(6 / (1536 + 384))}
@@ -391,7 +391,8 @@ def test_bf16_weights_keep_float32_activations():
     """With bf16 weights the forward computes in bf16 only the embedding lookup and the casts that
     feed the matrix multiplies (norms, RoPE, softmax stay float32, as in the official code), and
     its logits stay within 0.5 % (RMS) of the float32 forward of the same bf16-valued weights."""
-    bf16 = {k: v.astype(jnp.bfloat16) for k, v in model.init_params(jax.random.key(0), SMALL).items()}
+    params = model.init_params(jax.random.key(0), SMALL)
+    bf16 = {k: v.astype(jnp.bfloat16) for k, v in params.items()}
     x = jax.random.randint(jax.random.key(1), (2, SMALL.T), 0, SMALL.V)
     jaxpr = jax.make_jaxpr(lambda p: model.forward(p, x, SMALL))(bf16).jaxpr
     assert set(bf16_ops(jaxpr)) == {"gather", "convert_element_type"}
@@ -573,8 +574,8 @@ def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
 
 
 def test_adafactor_decay_flag_picks_the_schedule():
-    """--adafactor-decay power trains with the official schedule β2_t = 1 − t^(−β2) and the default
-    with the constant, corrected β2: the two give the updates of optim.adafactor's two forms."""
+    """--adafactor-decay power gives the official β2_t = 1 − t^(−β2), the default the constant,
+    corrected β2: make_optimizer's updates equal optim.adafactor's two forms, which differ."""
     params, grads = params_and_grads(shapes=((3, 5),))
     for flag, decay_power in [([], None), (["--adafactor-decay", "power"], 0.5)]:
         flags = train.common_flags().parse_args(["--opt", "adafactor", "--b2", "0.5", *flag])
