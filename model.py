@@ -16,6 +16,7 @@ Notation, used in names and in the shape comments at line ends:
     K  head dimension (D / H)        F  MLP width (4 D)
 """
 import dataclasses
+import functools
 import math
 
 import jax
@@ -79,6 +80,16 @@ def init_params(key, cfg):
     return params
 
 
+def cast(params, dtype):
+    """The parameters stored in another dtype (bfloat16 for --param-dtype bfloat16)."""
+    return {name: p.astype(dtype) for name, p in params.items()}
+
+
+def nbytes(tree):
+    """Bytes held by a pytree of arrays (or of shapes from jax.eval_shape)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def rms_norm(x):
     """Scale-free RMSNorm: every vector is divided by its root mean square (no learned gain)."""
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
@@ -117,15 +128,15 @@ def mlp(x, w):
     return dense(jax.nn.gelu(dense(x, w["w_up"])), w["w_down"])  # [B, T, F] -> [B, T, D]
 
 
-def forward(params, x, cfg):
-    """Token ids [B, T] -> next-token logits [B, T, V]. Activations are float32 whatever the
-    weights' dtype (see dense)."""
+def forward(params, x, cfg, at=None):
+    """Token ids [B, T] -> next-token logits [B, T, V], or [B, V] at position `at` only.
+    Activations are float32 whatever the weights' dtype (see dense)."""
     h = params["embed"][x].astype(jnp.float32)                   # [B, T, D]
     for l in range(cfg.L):
         w = {name: params[f"blocks.{l}.{name}"] for name in BLOCK}
         h = h + attention(rms_norm(h), w, cfg)
         h = h + mlp(rms_norm(h), w)
-    return dense(rms_norm(h), params["unembed"])
+    return dense(rms_norm(h if at is None else h[:, at]), params["unembed"])
 
 
 def loss_fn(params, x, y, cfg):
@@ -138,20 +149,22 @@ def loss_fn(params, x, y, cfg):
 def generate(params, cfg, prompt, n_new, key, temperature=1.0):
     """Sample n_new token ids after the ids in prompt; returns only the new ids.
 
-    Each token reruns the model on the last T tokens (no KV cache: short and obviously right).
-    The window has a fixed shape, right-padded, so the sampler compiles once; causality makes
-    the padding invisible to the position that is read.
+    One jitted loop: each new token reruns the model on the last T tokens (no KV cache: short
+    and obviously right) and reads the logits of the last real one only. The window has a fixed
+    shape, right-padded with zeros, so it compiles once; causality hides the padding.
     """
-    ids = list(prompt)
-    for i in range(n_new):
-        context = ids[-cfg.T:]
-        window = jnp.array(context + [0] * (cfg.T - len(context)), jnp.int32)
-        ids.append(int(_sample(params, window, len(context), jax.random.fold_in(key, i),
-                               temperature, cfg)))
-    return ids[len(prompt):]
+    ids = _generate(params, jnp.asarray(prompt, jnp.int32), key, temperature, cfg, n_new)
+    return [int(i) for i in ids]
 
 
-@jax.jit(static_argnames="cfg")
-def _sample(params, window, n, key, temperature, cfg):
-    logits = forward(params, window[None], cfg)[0, n - 1]       # [V], at the last real token
-    return jax.random.categorical(key, logits / temperature)
+@functools.partial(jax.jit, static_argnames=("cfg", "n_new"))
+def _generate(params, prompt, key, temperature, cfg, n_new):
+    P = len(prompt)
+    ids = jnp.concatenate([prompt, jnp.zeros(n_new + cfg.T, jnp.int32)])   # room for the window
+    def next_token(i, ids):
+        start = jnp.maximum(P + i - cfg.T, 0)             # the window: the last T tokens so far
+        window = jax.lax.dynamic_slice(ids, (start,), (cfg.T,))
+        logits = forward(params, window[None], cfg, at=P + i - 1 - start)[0]   # [V]
+        token = jax.random.categorical(jax.random.fold_in(key, i), logits / temperature)
+        return ids.at[P + i].set(token)
+    return jax.lax.fori_loop(0, n_new, next_token, ids)[P:P + n_new]

@@ -80,9 +80,8 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
     """Adafactor as the paper uses it (Shazeer & Stern 2018): no first moment, a factored
     second moment, update RMS clipped to `clip`, step scaled by max(RMS(θ), 1e-3).
 
-    A matrix whose two dimensions are both >= min_dim_to_factor keeps only the row means and the
-    column means of g² (rows + cols numbers, not rows x cols) and estimates the full second moment
-    as their outer product over their mean; any other leaf keeps a full second moment.
+    A matrix whose two dimensions are both >= min_dim_to_factor keeps only the row and column
+    means of g² (rows + cols numbers) for their outer product over their mean; others keep all g².
 
     β2 is a constant (set it from a half-life in tokens, like Adam's) with Adafactor's bias
     correction β̂2_t = β2·(1 − β2^(t−1)) / (1 − β2^t), which equals Adam's correction of v.
@@ -127,6 +126,65 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
         updates = jax.tree.map(lambda _, o: o[0], g, out)
         v = jax.tree.map(lambda _, o: o[1], g, out)
         return updates, {"v": v, "t": t}
+
+    return Optimizer(init, update)
+
+
+def newton_schulz(g, steps=5, eps=1e-7):
+    """The orthogonal polar factor U·Vᵀ of each matrix g = U·S·Vᵀ in [..., rows, cols], roughly.
+
+    From X = g / ‖g‖_F, each step X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ maps every singular value
+    s to a·s + b·s³ + c·s⁵; Muon's (a, b, c) push small ones up fast and leave all in about
+    [0.7, 1.2] after five steps, not at 1. A tall matrix is transposed first: A is the smaller side.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = g.shape[-2] > g.shape[-1]
+    x = jnp.swapaxes(g, -1, -2) if tall else g
+    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    for _ in range(steps):
+        A = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * A + c * A @ A) @ x
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+QKV = ("wq", "wk", "wv")   # [D, H·K]: head h owns columns h·K to (h + 1)·K; wo [H·K, D] owns rows
+
+
+def _heads(name, x, heads):
+    """[rows, cols] -> [slices, r, c]: heads apart, as the official [3, H, D, K], [H, K, D] kernels."""
+    if name.endswith(QKV):
+        return x.reshape(x.shape[0], heads, -1).swapaxes(0, 1)                # [H, D, K]
+    return x.reshape(heads, -1, x.shape[1]) if name.endswith("wo") else x[None]   # [H, K, D]
+
+
+def muon(b1=0.95, b2=0.999, eps=1e-8, adam_scale=1.0, heads=1, adam_leaves=("embed", "unembed")):
+    """Muon (Jordan et al., 2024) as the paper's official code runs it, on every matrix but the
+    embeddings: m ← b1·m + (1 − b1)·g, m̂ = m / (1 − b1^t), θ ← θ − lr·s·NS(m̂), where NS is
+    newton_schulz of each slice and s = sqrt(max(1, cols / rows)) (fan-out over fan-in of x @ w);
+    no Nesterov, no weight decay. The embeddings (adam_leaves) take Adam with the same b1 and b2
+    at lr·adam_scale: the official code tunes the two peak rates apart, on one schedule.
+    """
+    inner = adam(b1, b2, eps)
+    split = lambda tree: ({n: x for n, x in tree.items() if n in adam_leaves},      # embeddings
+                          {n: x for n, x in tree.items() if n not in adam_leaves})  # matrices
+
+    def init(params):
+        embeddings, matrices = split(params)
+        return {"adam": inner.init(embeddings), "m": _zeros(matrices), "t": jnp.zeros([], jnp.int32)}
+
+    def update(grads, state, params, lr):
+        (g_emb, g), p_emb = split(_to_f32(grads)), split(params)[0]
+        t = state["t"] + 1
+        m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], g)
+
+        def step(name, m):
+            x = _heads(name, m / (1 - b1 ** t), heads)                      # [slices, r, c]
+            u = newton_schulz(x) * math.sqrt(max(1, x.shape[2] / x.shape[1]))
+            return -lr * (u.swapaxes(0, 1) if name.endswith(QKV) else u).reshape(m.shape)
+
+        u_emb, adam_state = inner.update(g_emb, state["adam"], p_emb, lr * adam_scale)
+        updates = {**u_emb, **{name: step(name, m) for name, m in m.items()}}
+        return updates, {"adam": adam_state, "m": m, "t": t}
 
     return Optimizer(init, update)
 

@@ -82,7 +82,7 @@ def test_vanilla_sgd_keeps_no_state():
     """SGD without momentum holds 0 bytes of optimizer state: the paper's memory argument."""
     params, _ = params_and_grads()
     assert jax.tree.leaves(optim.sgd().init(params)) == []
-    assert train.nbytes(optim.sgd().init(params)) == 0
+    assert model.nbytes(optim.sgd().init(params)) == 0
 
 
 def test_adam_matches_numpy():
@@ -165,6 +165,71 @@ def test_adafactor_state_is_factored():
     sizes = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in state["v"].items()}
     assert sizes == {"big": 384 + 1536, "thin": 64 * 384}
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["v"]))
+
+
+# -- Muon: momentum orthogonalized by Newton–Schulz (Fig. 1a's fourth optimizer) ---------------
+
+def numpy_newton_schulz(x):
+    """Five Newton–Schulz steps as the official code writes them, in float64 numpy."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = x.shape[0] > x.shape[1]                     # work on the wide side: A is the smaller
+    y = (x.T if tall else x) / (np.linalg.norm(x) + 1e-7)
+    for _ in range(5):
+        A = y @ y.T
+        y = a * y + (b * A + c * A @ A) @ y
+    return y.T if tall else y
+
+
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (64, 128), (3, 16, 8)])
+def test_newton_schulz_is_near_the_polar_factor(shape):
+    """In g's own singular basis (numpy's SVD, g = U·S·Vᵀ) five steps give a diagonal matrix whose
+    values lie in [0.65, 1.2]: within 0.35 of U·Vᵀ in spectral norm; scaling g changes nothing."""
+    g = np.random.default_rng(0).normal(size=shape)
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    x = np.asarray(optim.newton_schulz(jnp.asarray(g, jnp.float32)), np.float64)
+    d = np.swapaxes(u, -1, -2) @ x @ np.swapaxes(vt, -1, -2)          # [..., k, k]
+    values = np.diagonal(d, axis1=-2, axis2=-1)
+    assert np.abs(d - values[..., None] * np.eye(d.shape[-1])).max() < 1e-4
+    assert 0.65 <= values.min() and values.max() <= 1.2
+    assert np.linalg.norm((x - u @ vt).reshape(-1, *shape[-2:])[0], 2) < 0.35
+    for c in [1e-3, 1e3]:
+        np.testing.assert_allclose(optim.newton_schulz(jnp.asarray(c * g, jnp.float32)), x,
+                                   atol=1e-4)
+
+
+def test_muon_matches_numpy():
+    """Two Muon steps equal numpy: EMA momentum with bias correction, each head's columns of wq
+    (rows of wo) orthogonalized apart, each slice scaled by sqrt(max(1, cols / rows)); the
+    embeddings' update is Adam's at lr·adam_scale, and all state is float32."""
+    D, H, V, b1, b2, lr, scale = 16, 2, 40, 0.9, 0.99, 0.02, 0.25
+    K, rng = D // H, np.random.default_rng(0)
+    shapes = {"embed": (V, D), "unembed": (D, V), "blocks.0.wq": (D, D), "blocks.0.wo": (D, D),
+              "blocks.0.w_up": (D, 4 * D), "blocks.0.w_down": (4 * D, D)}
+    params = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+    grads = [{n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()} for _ in "12"]
+    opt = optim.muon(b1=b1, b2=b2, adam_scale=scale, heads=H)
+    state = opt.init(jax.tree.map(jnp.asarray, params))
+    assert {x.dtype for x in jax.tree.leaves(state)} <= {np.dtype("float32"), np.dtype("int32")}
+    for g in grads:
+        got, state = opt.update(jax.tree.map(jnp.asarray, g), state, params, lr)
+    m = {n: (1 - b1) * b1 * grads[0][n] + (1 - b1) * grads[1][n] for n in shapes}
+    m_hat = {n: m[n] / (1 - b1 ** 2) for n in shapes}
+    want = {
+        "blocks.0.wq": np.concatenate([numpy_newton_schulz(m_hat["blocks.0.wq"][:, h * K:(h + 1) * K])
+                                       for h in range(H)], axis=1),            # [D, K] slices: 1
+        "blocks.0.wo": np.concatenate([numpy_newton_schulz(m_hat["blocks.0.wo"][h * K:(h + 1) * K])
+                                       * math.sqrt(D / K) for h in range(H)]),  # [K, D]: sqrt(H)
+        "blocks.0.w_up": 2 * numpy_newton_schulz(m_hat["blocks.0.w_up"]),        # sqrt(4D / D)
+        "blocks.0.w_down": numpy_newton_schulz(m_hat["blocks.0.w_down"])}
+    for n, w in want.items():
+        np.testing.assert_allclose(got[n], -lr * w, rtol=1e-4, atol=1e-6, err_msg=n)
+    adam, embeddings = optim.adam(b1=b1, b2=b2), {n: params[n] for n in ("embed", "unembed")}
+    adam_state = adam.init(embeddings)
+    for g in grads:
+        adam_got, adam_state = adam.update({n: g[n] for n in embeddings}, adam_state, embeddings,
+                                           lr * scale)
+    for n in embeddings:
+        np.testing.assert_allclose(got[n], adam_got[n], rtol=1e-6, err_msg=n)
 
 
 def test_optimizer_math_is_float32_for_bf16_params():
@@ -250,7 +315,7 @@ def test_bf16_parameters_save_and_load_exactly(tmp_path):
     train.save_arrays(tmp_path / "p.npz", arrays)
     loaded = dict(np.load(tmp_path / "p.npz"))
     assert loaded["p.w"].dtype == np.float32 and loaded["p.v"].dtype == np.float32
-    back = train.unflatten("p", loaded, {"w": w, "v": arrays["p.v"]})
+    back = train.unflatten(loaded, {"p": {"w": w, "v": arrays["p.v"]}})["p"]
     assert back["w"].dtype == jnp.bfloat16
     assert (np.asarray(back["w"]).view(np.uint16) == np.asarray(w).view(np.uint16)).all()
     assert (np.asarray(back["v"]) == arrays["p.v"]).all()
@@ -515,7 +580,8 @@ def test_bad_data_file_is_one_sentence(tmp_path, content, message):
 
 @pytest.mark.parametrize("name, opt, lr", [
     ("sgd", optim.sgd(), 1.0), ("sgd+momentum", optim.sgd(0.9), 1.0), ("adam", optim.adam(), 1e-2),
-    ("adafactor", optim.adafactor(b2=0.99, min_dim_to_factor=32), 3e-2)])
+    ("adafactor", optim.adafactor(b2=0.99, min_dim_to_factor=32), 3e-2),
+    ("muon", optim.muon(b1=0.9, b2=0.99, heads=SMALL.H, adam_scale=0.5), 2e-2)])
 def test_each_optimizer_overfits_one_batch(name, opt, lr):
     """Trained 100 steps on one fixed batch of random tokens, each optimizer memorizes it: the loss
     falls from ln V = 4.57 to below 0.25 (all four reach 0.05 to 0.08 when calibrated)."""
@@ -624,6 +690,10 @@ def test_token_counts_read_like_people_write_them():
     (["--tokens", "1k", "--out", "/dev/null/run"], "--out /dev/null/run cannot be written"),
     (["--batch", "6", "--grad-accum", "4"], "--batch 6 is not divisible by --grad-accum 4"),
     (["--grad-accum", "0"], "--grad-accum must be a positive integer"),
+    (["--opt", "adam", "--adam-lr", "1e-3"], "--adam-lr applies to muon only"),
+    (["--opt", "muon", "--adam-lr", "0"], "--adam-lr must be a finite number > 0"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--prompt", ""], "--prompt must be a text of at least one character"),
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     """Each mistake a user can make on the command line exits 2 with one line naming the flag."""
@@ -791,6 +861,50 @@ def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
         assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
 
 
+def sample_of(printed):
+    """The text after the sample's header line."""
+    return printed.split(" ---\n", 1)[1]
+
+
+def test_a_finished_run_samples_without_training(tmp_path, capsys):
+    """--resume on a finished run samples and exits 0, from any working directory, changing no
+    file: the run's own seed repeats the sample it printed at the end, --seed draws another."""
+    out = tmp_path / "run"
+    flags = ["--data", str(small_corpus(tmp_path)), "--tokens", "512", "--out", str(out)]
+    train.main(flags + ["--sample", "24", "--prompt", "ROMEO:"])
+    at_end = sample_of(capsys.readouterr().out)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    sample = lambda *extra: train.main(["--resume", "--out", str(out), "--sample", "24",
+                                        "--prompt", "ROMEO:", *extra]) or sample_of(
+        capsys.readouterr().out)
+    assert sample() == at_end and at_end.startswith("ROMEO:")
+    assert sample("--seed", "7") != at_end and sample("--seed", "7") == sample("--seed", "7")
+    assert sample("--temperature", "0.5") != at_end          # the temperature reaches the sampler
+    result = subprocess.run([sys.executable, str(HERE / "train.py"), "--resume", "--out", "run",
+                             "--sample", "24", "--prompt", "ROMEO:"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and sample_of(result.stdout) == at_end
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_a_finished_run_is_not_replaced_by_other_settings(tmp_path, capsys):
+    """Rerunning a finished run's command may replace it (same flags, same results); a run of
+    other flags into its folder is refused in one sentence and changes no file."""
+    out = tmp_path / "run"
+    flags = ["--data", str(small_corpus(tmp_path)), "--tokens", "512", "--sample", "0",
+             "--out", str(out)]
+    train.main(flags)
+    train.main(flags + ["--sample", "5"])           # the sample's flags change no result
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags + ["--lr", "0.1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "holds the results of a run with --lr 0.7, not 0.1; pass another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A save that fails halfway (disk full, power cut) leaves the previous file whole."""
     path = tmp_path / "ckpt.npz"
@@ -801,7 +915,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "savez", savez_then_fail)
     with pytest.raises(OSError):
         train.save_arrays(path, {"w": np.arange(5.0)})
-    assert list(train.load_arrays(path)["w"]) == [0.0, 1.0, 2.0]
+    assert list(np.load(path)["w"]) == [0.0, 1.0, 2.0]
 
 
 def test_divergence_stops_the_run_and_keeps_a_good_checkpoint(tmp_path):
@@ -817,7 +931,7 @@ def test_divergence_stops_the_run_and_keeps_a_good_checkpoint(tmp_path):
                         r"by step \d+ \([\d,]+ tokens seen, learning rate [\d.e+]+\); "
                         r".* Start a new run with a lower --lr \(resuming would repeat this\)\.",
                         err), err
-    saved = train.load_arrays(out / "ckpt.npz")
+    saved = train.load_checkpoint(out / "ckpt.npz")[0]
     assert all(np.isfinite(v).all() for k, v in saved.items() if k.startswith("params."))
 
 
@@ -1136,7 +1250,8 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
 def test_memory_rows_match_a_count_by_hand():
     """experiments.memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32 weight, 2 a
     bf16 one; adam holds m and v (8 bytes a parameter) plus its step; adafactor one row and one
-    column mean per matrix plus its step; the accumulation buffer 4 bytes a parameter."""
+    column mean per matrix plus its step; muon m for the matrices and Adam's m and v for the
+    embeddings, plus two steps; the accumulation buffer 4 bytes a parameter."""
     cfg = model.PRESETS["30m"]
     matrices = [(cfg.V, cfg.D), (cfg.D, cfg.V)] + cfg.L * [(cfg.D, cfg.D)] * 4 + cfg.L * [
         (cfg.D, 4 * cfg.D), (4 * cfg.D, cfg.D)]
@@ -1148,6 +1263,8 @@ def test_memory_rows_match_a_count_by_hand():
         assert r["sgd state"] == 0 and r["adam state"] == 8 * n + 4
         assert r["adafactor state"] == 4 * sum(r + c for r, c in matrices) + 4
         assert r["accumulation buffer"] == 4 * n
+        embeddings = 2 * cfg.V * cfg.D                # muon: Adam's m and v for these, m for the rest
+        assert r["muon state"] == 8 * embeddings + 4 * (n - embeddings) + 2 * 4
 
 
 def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_percent():
@@ -1273,6 +1390,21 @@ def test_an_optimizer_is_one_function_and_one_table_entry(tmp_path, monkeypatch,
         train.main(["--opt", "signsgd", "--t2", "1M", "--out", "/dev/null/x"])
     assert exit_info.value.code == 2
     assert "--b2/--t2 do not apply to signsgd" in capsys.readouterr().err
+
+
+def test_a_short_muon_run_learns(tmp_path, capsys):
+    """--opt muon trains the default model: the start-up lines name the embeddings' Adam rate and
+    count its state by hand (m for the matrices, Adam's m and v for the embeddings, two steps),
+    and the logged training loss falls by more than 2 nats in 6k tokens."""
+    out = tmp_path / "run"
+    train.main(["--opt", "muon", *run_flags(tmp_path), "--out", str(out)])
+    printed = capsys.readouterr().out
+    n_embed, n_blocks = 2 * 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
+    assert (f"optimizer  muon: peak lr {train.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
+            "embeddings), b1 0.95") in printed
+    assert f"optimizer state {4 * n_blocks + 8 * n_embed + 8:,} bytes (float32)" in printed
+    losses = [e["train_loss"] for e in events(out) if "train_loss" in e]
+    assert losses[-1] < losses[0] - 2
 
 
 def test_tied_embeddings_print_the_parameters_that_exist(tmp_path, monkeypatch, capsys):

@@ -1,7 +1,8 @@
-"""Train the paper's GPT at any batch size, down to 1, with hand-written SGD, Adam or Adafactor.
+"""Train the paper's GPT at any batch size, down to 1, with hand-written SGD, Adam, Adafactor, Muon.
 
     python train.py --batch 1 --opt sgd          # the paper's headline: vanilla SGD at batch size 1
     python train.py --batch 1 --opt adam         # Adam, β2 from a 10M-token half-life
+    python train.py --resume --out out/tiny-sgd-b1 --sample 200 --prompt "ROMEO:"   # sample it
     python train.py --help                       # every flag, with its meaning and default
 
 Reads in the order it runs: flags -> derived settings, printed -> data -> parameters and
@@ -12,6 +13,7 @@ mistake in the flags or files, 3 diverged, 130 interrupted (Ctrl-C). The paper's
 are programs in experiments/ that import this file.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,33 +45,38 @@ OPTIMIZERS = {
     "sgd": dict(make=optim.sgd, lr=0.7, b1=0.0, t2=None, decay=False),    # vanilla: no momentum
     "adam": dict(make=optim.adam, lr=5e-3, b1=0.9, t2=10e6, decay=True),
     "adafactor": dict(make=optim.adafactor, lr=5e-2, b1=None, t2=10e6, decay=False),
+    "muon": dict(make=optim.muon, lr=0.02, b1=0.95, t2=10e6, decay=False),  # Adam for embeddings
 }
-# What each numeric flag accepts beyond its type: (the words a user reads, the test).
-POSITIVE = ("a positive integer", lambda v: v >= 1)
-TOKENS = ("a number of tokens > 0", lambda v: v > 0)
-BETA = ("a number in [0, 1)", lambda v: 0 <= v < 1)
-ACCEPTS = {   # checked in this order
-    "batch": POSITIVE, "grad_accum": POSITIVE,
-    "lr": ("a finite number > 0", lambda v: 0 < v < math.inf),
-    "b1": BETA, "b2": BETA, "t1": TOKENS, "t2": TOKENS,
-    "weight_decay": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
+# What each flag accepts beyond its type: (the words a user reads, the test), checked in order.
+POSITIVE, FINITE = ("a positive integer", lambda v: v >= 1), ("a finite number > 0",
+                                                                lambda v: 0 < v < math.inf)
+TOKENS, BETA = ("a number of tokens > 0", lambda v: v > 0), ("a number in [0, 1)",
+                                                              lambda v: 0 <= v < 1)
+ACCEPTS = {
+    "batch": POSITIVE, "grad_accum": POSITIVE, "lr": FINITE, "adam_lr": FINITE, "b1": BETA,
+    "b2": BETA,
+    "t1": TOKENS, "t2": TOKENS, "weight_decay": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
     "warmup": ("a fraction in [0, 1)", lambda v: 0 <= v < 1), "tokens": TOKENS,
-    "seed": ("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63),
-    "log_tokens": TOKENS, "eval_tokens": TOKENS, "ckpt_tokens": TOKENS,
+    "seed": ("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63), "log_tokens": TOKENS,
+    "eval_tokens": TOKENS, "ckpt_tokens": TOKENS, "temperature": FINITE,
     "sample": ("a number of tokens >= 0", lambda v: v >= 0),
+    "prompt": ("a text of at least one character", lambda v: len(v) > 0),
 }
+# The flags that shape only the sample: a rerun that changes them replaces no result.
+SAMPLE_FLAGS = ("sample", "prompt", "temperature")
 # The flags --resume lets change: the budget, where it logs, the data file's path (its tokens
-# must be the same) and --grad-accum (the same gradient, split differently). The rest must match.
+# must be the same), --grad-accum (the same gradient, split differently) and the sample's; on a
+# finished run also --seed, which then picks the sample. The rest must match.
 MAY_CHANGE_ON_RESUME = ("tokens", "data", "grad_accum", "log_tokens", "eval_tokens",
-                        "ckpt_tokens", "sample")
+                        "ckpt_tokens") + SAMPLE_FLAGS
 
 
 # -- flags --------------------------------------------------------------------------------------
 
-def die(message):
+def die(message, status=2):
     """A mistake the user can fix: one sentence on stderr, exit status 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,6 +110,8 @@ def common_flags():
         help="optimizer (default %(default)s, which without momentum keeps no state at all)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
         f"{name} {o['lr']:g}" for name, o in OPTIMIZERS.items()) + ")")
+    add("--adam-lr", type=float, help="muon only: the peak learning rate of the Adam that trains "
+        f"the embeddings (default adam's, {OPTIMIZERS['adam']['lr']:g})")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
     b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0)")
     b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
@@ -139,8 +148,12 @@ def make_parser():
     add("--ckpt-tokens", type=count, default=100_000, help="write <out>/ckpt.npz every this many "
         "tokens, at the end and on Ctrl-C (%(default)s; raise it on a GPU)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-        "exactly; only the budget, data path, --grad-accum and logging flags may change")
+        "exactly (only the budget, data path, --grad-accum, logging and sample flags may "
+        "change); on a finished run, sample from it")
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
+    add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
+    add("--temperature", type=float, default=1.0, help="the sample's softmax temperature "
+        "(%(default)s: the model's own distribution)")
     return p
 
 
@@ -159,24 +172,27 @@ def parse_args(parser, argv=None):
 def make_optimizer(args, tokens_per_step):
     """(optimizer, {"b1": β1, "b2": β2}) of args.opt, with only the β's it keeps: from each flag,
     or from its half-life in tokens at this step size (the paper's rule), or OPTIMIZERS' default.
-    A flag it has no use for is one sentence and exit 2. Fills in --rounding for bf16 weights:
-    stochastic, the paper's recipe (nearest rounding stalls, Fig. 9)."""
+    A flag it has no use for is one sentence and exit 2. Fills in --rounding for bf16 weights
+    (stochastic, the paper's recipe: nearest rounding stalls, Fig. 9) and --adafactor-decay."""
     o = OPTIMIZERS[args.opt]
     for b, t, default, which in [("b1", "t1", o["b1"], "first"), ("b2", "t2", o["t2"], "second")]:
         if default is None and (getattr(args, b) is not None or getattr(args, t) is not None):
             die(f"--{b}/--{t} do not apply to {args.opt}, which keeps no {which} moment.")
-    if args.param_dtype == "float32" and args.rounding:
-        die("--rounding applies to --param-dtype bfloat16 only; float32 parameters store the "
-            "float32 sum exactly.")
+    decays = [n for n, o in OPTIMIZERS.items() if o["decay"]]
+    for flag, applies, to in [   # flags that apply to some runs only
+            ("rounding", args.param_dtype == "bfloat16", "--param-dtype bfloat16 only; float32 "
+             "parameters store the float32 sum exactly"),
+            ("adafactor_decay", args.opt == "adafactor", f"adafactor only, not {args.opt}"),
+            ("adam_lr", args.opt == "muon", f"muon only, not {args.opt}"),
+            ("weight_decay", o["decay"], f"{', '.join(decays)} only; the paper uses none with "
+             f"{args.opt}")]:
+        if getattr(args, flag) and not applies:
+            die(f"--{flag.replace('_', '-')} applies to {to}.")
     if args.param_dtype == "bfloat16":
         args.rounding = args.rounding or "stochastic"
-    if args.adafactor_decay and args.opt != "adafactor":
-        die(f"--adafactor-decay applies to adafactor only, not {args.opt}.")
     if args.opt == "adafactor":
         args.adafactor_decay = args.adafactor_decay or "constant"
-    if args.weight_decay and not o["decay"]:
-        die("--weight-decay applies to " + ", ".join(n for n, o in OPTIMIZERS.items() if o["decay"])
-            + f" only; the paper uses none with {args.opt}.")
+    args.lr = args.lr or o["lr"]
     from_halflife = lambda t: optim.beta_from_halflife(t, tokens_per_step)
     betas = {}
     if o["b1"] is not None:      # a β by default (Adam's 0.9), or from --t1's half-life
@@ -190,6 +206,9 @@ def make_optimizer(args, tokens_per_step):
     extra = {"weight_decay": args.weight_decay} if o["decay"] else {}
     if args.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
         extra["decay_power"] = betas["b2"]
+    if args.opt == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
+        args.adam_lr = args.adam_lr or OPTIMIZERS["adam"]["lr"]
+        extra.update(adam_scale=args.adam_lr / args.lr, heads=model.PRESETS[args.model].H)
     return o["make"](**betas, **extra), betas
 
 
@@ -218,7 +237,6 @@ def gradients(params, x, y, cfg, grad_accum=1):
 
     total, losses = jax.lax.scan(add_micro_batch, accumulation_buffer(params), (micro(x), micro(y)))
     return losses.mean(), jax.tree.map(lambda g: g / grad_accum, total)
-
 
 def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None):
     """The training step, a pure function to jit:
@@ -268,11 +286,15 @@ def main(argv=None):
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
     opt, betas = make_optimizer(args, tokens_per_step)
+    shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
+                                               args.param_dtype))
+    if meta and meta["step"] >= meta["n_steps"] and "tokens" not in given:   # sample a result
+        print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
+              f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
+        return print_sample(unflatten(ckpt, {"params": shapes})["params"], cfg, args)
     if args.batch % args.grad_accum:
         die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
             "the K micro-batches holds B/K whole sequences, so K must divide B.")
-    if not meta:
-        refuse_to_overwrite(out)
     try:
         train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
     except data.DataError as e:
@@ -286,19 +308,18 @@ def main(argv=None):
         die(f"--tokens {budget:,} is less than one optimizer step of {tokens_per_step:,} tokens "
             f"(--batch {args.batch} x T = {cfg.T}).")
     if start >= n_steps:
-        die(f"the run in {out} has already trained {start:,} of its {n_steps:,} steps; pass a "
-            "larger --tokens to train it further.")
+        die(f"the run in {out} has already trained {start:,} steps, more than the {n_steps:,} of "
+            f"--tokens {budget:,}; pass a larger --tokens to train it further.")
+    lr = args.lr                                        # resolved by make_optimizer
+    args.tokens, args.out = n_steps * tokens_per_step, str(out)   # as resolved
+    if not meta:
+        refuse_to_overwrite(out, args)
+    log_file = open_log(out, start if meta else None)   # the first thing written
 
     # -- derived settings, printed once ----------------------------------------------------
-    lr = args.lr or OPTIMIZERS[args.opt]["lr"]
-    shapes = jax.eval_shape(lambda: cast(model.init_params(jax.random.key(0), cfg),
-                                         args.param_dtype))
-    state_shapes = jax.eval_shape(opt.init, shapes)
-    log_file = open_log(out, start if meta else None)   # the first thing written
-    args.lr, args.tokens, args.out = lr, n_steps * tokens_per_step, str(out)   # as resolved
-    print("command    python train.py " + " ".join(   # every flag, as resolved: rerun it to repeat
-        f"--{flag.replace('_', '-')}" + ("" if value is True else f" {value}")
-        for flag, value in vars(args).items() if value is not None and value is not False))
+    print("command    python train.py " + " ".join(   # the run's flags, resolved: rerun to repeat
+        f"--{flag.replace('_', '-')}" + ("" if value is True else f" {value}") for flag, value in
+        vars(args).items() if value not in (None, False) and flag not in SAMPLE_FLAGS))
     n_params = sum(x.size for x in shapes.values())    # counted from the dict: tied embeddings
     embeddings = {name: x.size for name, x in shapes.items() if name in ("embed", "unembed")}
     print(f"model      {args.model}: {cfg} -> {n_params:,} parameters "
@@ -307,7 +328,8 @@ def main(argv=None):
     print(f"data       {args.data}: {len(train_tokens):,} training tokens "
           f"({data.n_windows(train_tokens, cfg.T):,} windows of T + 1), "
           f"{len(val_tokens):,} validation tokens")
-    print(f"optimizer  {args.opt}: peak lr {lr:g}" + ("".join(   # each β with its half-life
+    print(f"optimizer  {args.opt}: peak lr {lr:g}" + (f" (adam-lr {args.adam_lr:g} for the "
+        "embeddings)" if args.adam_lr else "") + ("".join(   # each β with its half-life
         f", {'momentum' if name == 'b1' and args.opt == 'sgd' else name} {beta:.6g} (half-life "
         f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
         for name, beta in betas.items() if beta) or (", no momentum" if args.opt == "sgd" else ""))
@@ -316,29 +338,30 @@ def main(argv=None):
     print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
-    accum = (f", accumulation buffer {nbytes(jax.eval_shape(accumulation_buffer, shapes)):,} "
-             f"bytes (float32; {args.grad_accum} micro-batches of {args.batch // args.grad_accum})"
-             if args.grad_accum > 1 else "")
-    print(f"memory     parameters {nbytes(shapes):,} bytes ({args.param_dtype}, "
+    state_shapes = jax.eval_shape(opt.init, shapes)
+    buffer = model.nbytes(jax.eval_shape(accumulation_buffer, shapes))
+    print(f"memory     parameters {model.nbytes(shapes):,} bytes ({args.param_dtype}, "
           f"{jnp.dtype(args.param_dtype).itemsize} bytes each"
           + (f", rounded {args.rounding}" if args.rounding else "")
-          + f"), optimizer state {nbytes(state_shapes):,} bytes (float32){accum}")
+          + f"), optimizer state {model.nbytes(state_shapes):,} bytes (float32)"
+          + (f", accumulation buffer {buffer:,} bytes (float32; {args.grad_accum} micro-batches "
+             f"of {args.batch // args.grad_accum})" if args.grad_accum > 1 else ""))
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
     if meta:          # the checkpoint's state exactly, so the run goes on as if never stopped
         key = jax.random.wrap_key_data(jnp.asarray(ckpt["key"]))
-        params, opt_state = (unflatten(name, ckpt, template) for name, template in
-                             [("params", shapes), ("opt_state", state_shapes)])
-        if params is None or opt_state is None:
+        state = unflatten(ckpt, {"params": shapes, "opt_state": state_shapes})
+        if state is None:
             die(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of this "
                 "model and optimizer.")
+        params, opt_state = state["params"], state["opt_state"]
         stats = {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])}
         print(f"resume     from {out}/ckpt.npz at step {start:,} "
               f"({fmt_tokens(meta['tokens'])} tokens)")
     else:
         key = jax.random.key(args.seed)
-        params = cast(model.init_params(jax.random.fold_in(key, 0), cfg), args.param_dtype)
+        params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), args.param_dtype)
         opt_state, stats = opt.init(params), new_stats()
     step_fn = make_train_step(cfg, opt, n_steps, args.warmup, args.grad_accum, args.rounding,
                               key=jax.random.fold_in(key, 2))    # the rounding's random bits
@@ -363,6 +386,25 @@ def main(argv=None):
         print(f"step {step:>6,}/{n_steps:,} | validation loss {val_loss:.4f}")
         return val_loss
 
+    # Besides the arrays, a checkpoint holds what the loop keeps on the host, so that a resumed
+    # run logs as if it had never stopped: the step that opened the current logging window, the
+    # last validation loss, and the clocks (the window's time, the time since the start).
+    t_start = time.time() - (meta["elapsed_s"] if meta else 0)
+    val_loss = meta["val_loss"] if meta else run_eval(0)
+    t_window = time.time() - (meta["window_s"] if meta else 0)
+    window_start = meta["window_start"] if meta else 0
+
+    def checkpoint(done):
+        """Everything needed to go on exactly from step `done`, written atomically."""
+        meta = {"version": CKPT_VERSION, "args": vars(args), "step": done, "n_steps": n_steps,
+                "tokens": done * tokens_per_step, "window_start": window_start,
+                "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
+                "val_loss": val_loss, "data_sha256": data_hash}
+        save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
+                                       "loss_sum": stats["loss_sum"], "key": jax.random.key_data(
+                                           key), "meta": np.array(json.dumps(meta))})
+        return done
+
     # -- the loop --------------------------------------------------------------------------
     # Ctrl-C lets the current step finish, then the loop stops and a checkpoint is written;
     # a second Ctrl-C aborts at once (the last checkpoint stays whole: it is written atomically).
@@ -371,26 +413,6 @@ def main(argv=None):
         interrupted.append(True)
         signal.signal(signal.SIGINT, previous_handler)
     signal.signal(signal.SIGINT, on_sigint)
-    # Besides the arrays, a checkpoint holds what the loop keeps on the host, so that a resumed
-    # run logs as if it had never stopped: the step that opened the current logging window, the
-    # last validation loss, and the clocks (training time so far, for the eta; the window's
-    # time; the time since the start), as seconds.
-    t_start = time.time() - (meta["elapsed_s"] if meta else 0)
-    val_loss = meta["val_loss"] if meta else run_eval(0)
-    t_window = time.time() - (meta["window_s"] if meta else 0)
-    window_start, train_time = (meta["window_start"], meta["train_time"]) if meta else (0, 0.0)
-
-    def checkpoint(done):
-        """Everything needed to go on exactly from step `done`, written atomically."""
-        meta = {"version": CKPT_VERSION, "args": vars(args), "step": done, "n_steps": n_steps,
-                "tokens": done * tokens_per_step, "window_start": window_start,
-                "window_s": time.time() - t_window, "train_time": train_time,
-                "elapsed_s": time.time() - t_start, "val_loss": val_loss, "data_sha256": data_hash}
-        save_arrays(out / "ckpt.npz", {**flatten("params", params), **flatten(
-            "opt_state", opt_state), "loss_sum": stats["loss_sum"],
-            "key": jax.random.key_data(key), "meta": np.array(json.dumps(meta))})
-        return done
-
     saved_step = done = start if meta else checkpoint(0)   # a checkpoint from step 0 on
     # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
     crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
@@ -407,31 +429,24 @@ def main(argv=None):
             if (log_now or eval_now or save_now) and (bad := diverged(stats, params, done)):
                 lr_bad = float(optim.lr_at(bad - 1, n_steps, lr, args.warmup))
                 log(step=bad, tokens=bad * tokens_per_step, diverged=True, lr=lr_bad)
-                print(f"error: the run diverged: the loss or the parameters were not finite by "
-                      f"step {bad:,} ({bad * tokens_per_step:,} tokens seen, learning rate "
-                      f"{lr_bad:.3g}); {out}/ckpt.npz keeps the last good state, from step "
-                      f"{saved_step:,}. Start a new run with a lower --lr (resuming would repeat "
-                      "this).", file=sys.stderr)
-                sys.exit(3)
+                die(f"the run diverged: the loss or the parameters were not finite by step "
+                    f"{bad:,} ({bad * tokens_per_step:,} tokens seen, learning rate {lr_bad:.3g}); "
+                    f"{out}/ckpt.npz keeps the last good state, from step {saved_step:,}. Start "
+                    "a new run with a lower --lr (resuming would repeat this).", status=3)
             if log_now:
                 train_loss = float(stats["loss_sum"]) / (done - window_start)  # a host sync
-                dt = time.time() - t_window
-                train_time += dt
-                tok_per_s = (done - window_start) * tokens_per_step / dt
+                tok_per_s = (done - window_start) * tokens_per_step / (time.time() - t_window)
                 lr_now = float(optim.lr_at(step, n_steps, lr, args.warmup))
                 log(step=done, tokens=tokens, train_loss=train_loss, lr=lr_now,
                     tok_per_s=tok_per_s, elapsed_s=time.time() - t_start)
                 print(f"step {done:>6,}/{n_steps:,} | tokens {fmt_tokens(tokens):>6} | "
                       f"loss {train_loss:.4f} | lr {lr_now:.2e} | {tok_per_s:,.0f} tok/s | "
-                      f"eta {(n_steps - done) * train_time / done / 60:.1f} min")
+                      f"eta {(n_steps - done) * tokens_per_step / tok_per_s / 60:.1f} min")
                 stats["loss_sum"], window_start, t_window = jnp.float32(0), done, time.time()
-            if eval_now:                # evaluation and checkpoints are not training time
+            if eval_now or save_now:    # evaluation and checkpoints are not training time
                 t_pause = time.time()
-                val_loss = run_eval(done)
-                t_window += time.time() - t_pause
-            if save_now:
-                t_pause = time.time()
-                saved_step = checkpoint(done)
+                val_loss = run_eval(done) if eval_now else val_loss
+                saved_step = checkpoint(done) if save_now else saved_step
                 t_window += time.time() - t_pause
             if stop:
                 break
@@ -453,23 +468,19 @@ def main(argv=None):
               f"python train.py --resume --out {out}", file=sys.stderr)
         sys.exit(130)
     print(f"final validation loss {val_loss:.4f} after {fmt_tokens(done * tokens_per_step)} tokens")
+    print_sample(params, cfg, args)
+
+
+def print_sample(params, cfg, args):
+    """--sample tokens after --prompt, drawn with a key from --seed (the run's, by default)."""
     if args.sample:
-        ids = model.generate(params, cfg, data.encode("\n"), args.sample,
-                             jax.random.fold_in(key, 1))
-        print(f"--- sample ({args.sample} tokens) ---\n{data.decode(ids)}")
+        ids = model.generate(params, cfg, data.encode(args.prompt), args.sample,
+                             jax.random.fold_in(jax.random.key(args.seed), 1), args.temperature)
+        print(f"--- sample ({args.sample} tokens, temperature {args.temperature:g}, seed "
+              f"{args.seed}) ---\n{args.prompt}{data.decode(ids)}")
 
 
 # -- what main does once per run, and the checkpoint's file format -------------------------------
-
-def cast(params, dtype):
-    """The parameters stored in another dtype (bfloat16 for --param-dtype bfloat16)."""
-    return {name: p.astype(dtype) for name, p in params.items()}
-
-
-def nbytes(tree):
-    """Bytes held by a pytree of arrays (or of shapes from jax.eval_shape)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
 
 def fmt_tokens(n):
     """1234567 -> '1.235M': token counts as people say them."""
@@ -507,19 +518,21 @@ def open_run(args, given):
     if meta.get("version") != CKPT_VERSION:
         die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
             f"version {CKPT_VERSION}.")
-    flags = [f"--{n.replace('_', '-')}" for n in MAY_CHANGE_ON_RESUME]
+    may_change = MAY_CHANGE_ON_RESUME + ("seed",) * (meta["step"] >= meta["n_steps"])
+    flags = ", ".join(f"--{n.replace('_', '-')}" for n in may_change)
     for name, value in meta["args"].items():   # a typed flag must agree, unless it may change
-        if name in ("out", "resume") or (name in given and name in MAY_CHANGE_ON_RESUME):
+        if name in ("out", "resume") or (name in given and name in may_change):
             continue
         if name in given and getattr(args, name) != value:
             die(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
-                f"{value}; on resume only {', '.join(flags[:-1])} and {flags[-1]} may change.")
+                f"{value}; on resume only {flags} may change.")
         setattr(args, name, value)
     return out, arrays, meta
 
 
-def refuse_to_overwrite(out):
-    """A new run may reuse a finished run's folder, never one that can still be resumed."""
+def refuse_to_overwrite(out, args):
+    """A new run may replace a finished run of the same flags (a rerun), never one of other
+    flags or one that can still be resumed: no result is lost by mistake."""
     try:
         meta = load_checkpoint(out / "ckpt.npz")[1]
     except CKPT_ERRORS:                # none, or unreadable: nothing that could be resumed
@@ -527,22 +540,24 @@ def refuse_to_overwrite(out):
     if meta.get("step", 0) < meta.get("n_steps", 0):
         die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
             "continue it with --resume, or pass another --out to start a new one.")
+    for name, value in vars(args).items():
+        if name not in SAMPLE_FLAGS and meta.get("args", {}).get(name) != value:
+            die(f"{out} holds the results of a run with --{name.replace('_', '-')} "
+                f"{meta['args'].get(name)}, not {value}; pass another --out, or delete {out} "
+                "to replace them.")
 
 
 def open_log(out, keep_to_step):
     """Create out/ and open log.jsonl to append to: a fresh log, or on resume the log's whole
     events up to the checkpoint's step (a crash may have logged past it, or cut a line short)."""
-    def kept(line):
-        try:
-            return json.loads(line)["step"] <= keep_to_step
-        except (ValueError, KeyError):
-            return False
+    path, kept = out / "log.jsonl", []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "log.jsonl"
-        lines = path.read_text(errors="replace").splitlines() if keep_to_step is not None and \
-            path.exists() else []
-        (out / "log.tmp.jsonl").write_text("".join(line + "\n" for line in lines if kept(line)))
+        for line in path.read_text(errors="replace").splitlines() if keep_to_step is not None \
+                and path.exists() else []:
+            with contextlib.suppress(ValueError, KeyError):   # a line cut short is dropped
+                kept += [line + "\n"] if json.loads(line)["step"] <= keep_to_step else []
+        (out / "log.tmp.jsonl").write_text("".join(kept))
         os.replace(out / "log.tmp.jsonl", path)
         return open(path, "a")
     except OSError as e:
@@ -553,8 +568,6 @@ def open_log(out, keep_to_step):
 # "opt_state.m.embed", ...), the run's key, the loss summed in the current logging window, and
 # "meta": a JSON string of the flags, the step, the clocks and a hash of the tokens.
 CKPT_VERSION = 2       # the layout of ckpt.npz; bump it when the layout changes
-CKPT_META = {"version", "args", "step", "n_steps", "tokens", "window_start", "window_s",
-             "train_time", "elapsed_s", "val_loss", "data_sha256"}
 CKPT_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)  # a file unreadable
 
 
@@ -570,36 +583,27 @@ def save_arrays(path, arrays):
     os.replace(tmp, path)
 
 
-def load_arrays(path):
+def load_checkpoint(path):
+    """(arrays, meta) of a checkpoint written by main; raises one of CKPT_ERRORS if it cannot."""
     with np.load(path) as f:
-        return dict(f)
+        arrays = dict(f)
+    return arrays, json.loads(str(arrays.pop("meta")))
 
 
-def flatten(prefix, tree):
+def flatten(tree):
     """A pytree's leaves by path name: {"opt_state.m.embed": array, ...}, in leaf order."""
-    return {f"{prefix}.{jax.tree_util.keystr(path, simple=True, separator='.')}": leaf
+    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def unflatten(prefix, arrays, template):
+def unflatten(arrays, template):
     """The pytree shaped like template (arrays or shapes), its leaves taken from arrays by path
     name and cast to the template's dtype (exact for bf16); None unless all are there in shape."""
-    names = flatten(prefix, template)
-    if {n for n in arrays if n.startswith(prefix + ".")} != set(names) or any(
-            arrays[n].shape != t.shape for n, t in names.items()):
+    names = flatten(template)
+    if any(n not in arrays or arrays[n].shape != t.shape for n, t in names.items()):
         return None
     return jax.tree.unflatten(jax.tree.structure(template),
                               [jnp.asarray(arrays[n], t.dtype) for n, t in names.items()])
-
-
-def load_checkpoint(path):
-    """(arrays, meta) of a checkpoint written by main; raises one of CKPT_ERRORS if it cannot."""
-    arrays = load_arrays(path)
-    meta = json.loads(str(arrays.pop("meta")))
-    if meta.get("version") == CKPT_VERSION and not (
-            CKPT_META <= set(meta) and {"key", "loss_sum"} <= set(arrays)):
-        raise KeyError("a field of the format is missing")
-    return arrays, meta
 
 
 if __name__ == "__main__":

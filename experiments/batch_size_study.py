@@ -224,7 +224,7 @@ def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
     # from the grid above.
     setting, big = "adam, t2 fixed", max(STUDY_BATCHES)
     shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
-    buffer = train.nbytes(jax.eval_shape(train.accumulation_buffer, shapes))
+    buffer = model.nbytes(jax.eval_shape(train.accumulation_buffer, shapes))
     for batch, k in [(1, 1), (big, 1), (big, big)]:
         lr = result["cells"][setting][str(batch)]["best_lr"]
         r = train_runs(setting + SINGLE, batch, [lr], grad_accum=k)[0]
@@ -232,8 +232,8 @@ def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
         result["accumulation"].append({
             "batch": batch, "grad_accum": k, "lr": lr, "val_loss": r["val_loss"],
             "steps": budget // (batch * cfg.T), "seconds": r["seconds"],
-            "params_bytes": train.nbytes(shapes),
-            "opt_state_bytes": train.nbytes(jax.eval_shape(opt.init, shapes)),
+            "params_bytes": model.nbytes(shapes),
+            "opt_state_bytes": model.nbytes(jax.eval_shape(opt.init, shapes)),
             "buffer_bytes": buffer if k > 1 else 0,
             "step_temp_bytes": r["step_temp_bytes"]})
         print(f"accumulation  B = {batch} in {k} micro-batch{'es' * (k > 1)}: "

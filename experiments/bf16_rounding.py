@@ -47,12 +47,11 @@ def run(opt, weights, args, tokens, data_hash):
              "--tokens", str(tokens), "--sample", "0", "--out", str(out)]
     want, _ = train.parse_args(train.make_parser(), flags)
     cfg = model.PRESETS[want.model]
-    optimizer, _ = train.make_optimizer(want, cfg.T)          # also fills in --rounding
-    want.lr = want.lr or train.OPTIMIZERS[opt]["lr"]          # as train.py resolves them
+    optimizer, _ = train.make_optimizer(want, cfg.T)     # also fills in --lr and --rounding
     want.tokens = tokens // cfg.T * cfg.T
-    shapes = jax.eval_shape(lambda: train.cast(model.init_params(jax.random.key(0), cfg),
+    shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
                                                want.param_dtype))
-    held = train.nbytes(shapes), train.nbytes(jax.eval_shape(optimizer.init, shapes))
+    held = model.nbytes(shapes), model.nbytes(jax.eval_shape(optimizer.init, shapes))
     try:
         meta = train.load_checkpoint(out / "ckpt.npz")[1]
     except train.CKPT_ERRORS:
@@ -61,6 +60,9 @@ def run(opt, weights, args, tokens, data_hash):
             out / "config.json").exists():
         print(f"reused     {out}: a finished run with these settings")
     else:
+        if meta and not same_run(meta, vars(want), data_hash):   # this experiment's own folder
+            print(f"replacing  {out}: a run of other settings")
+            (out / "ckpt.npz").unlink()
         try:
             train.main(["--resume", "--out", str(out)] if same_run(meta, vars(want), data_hash)
                        else flags)

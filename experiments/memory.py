@@ -26,14 +26,14 @@ def memory_rows():
         cfg = model.PRESETS[name]
         for dtype in ("float32", "bfloat16"):
             shapes = jax.eval_shape(
-                lambda: train.cast(model.init_params(jax.random.key(0), cfg), dtype))
+                lambda: model.cast(model.init_params(jax.random.key(0), cfg), dtype))
             row = {"model": name, "dtype": dtype, "params": sum(x.size for x in shapes.values()),
-                   "weights": train.nbytes(shapes)}
+                   "weights": model.nbytes(shapes)}
             for opt in train.OPTIMIZERS:    # each at its default flags (no shape depends on them)
                 flags = train.common_flags().parse_args(["--opt", opt, "--param-dtype", dtype])
                 optimizer, _ = train.make_optimizer(flags, tokens_per_step=cfg.T)
-                row[f"{opt} state"] = train.nbytes(jax.eval_shape(optimizer.init, shapes))
-            row["accumulation buffer"] = train.nbytes(
+                row[f"{opt} state"] = model.nbytes(jax.eval_shape(optimizer.init, shapes))
+            row["accumulation buffer"] = model.nbytes(
                 jax.eval_shape(train.accumulation_buffer, shapes))
             rows.append(row)
     return rows
