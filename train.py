@@ -169,11 +169,12 @@ def parse_args(parser, argv=None):
     return args, given
 
 
-def make_optimizer(args, tokens_per_step):
+def make_optimizer(args, tokens_per_step, heads=None):
     """(optimizer, {"b1": β1, "b2": β2}) of args.opt, with only the β's it keeps: from each flag,
     or from its half-life in tokens at this step size (the paper's rule), or OPTIMIZERS' default.
-    A flag it has no use for is one sentence and exit 2. Fills in --rounding for bf16 weights
-    (stochastic, the paper's recipe: nearest rounding stalls, Fig. 9) and --adafactor-decay."""
+    A flag it has no use for is one sentence and exit 2. Fills in --lr, --rounding for bf16
+    weights (stochastic, the paper's recipe: nearest rounding stalls, Fig. 9), --adafactor-decay
+    and --adam-lr. heads: the model's (default: --model's), which muon orthogonalizes apart."""
     o = OPTIMIZERS[args.opt]
     for b, t, default, which in [("b1", "t1", o["b1"], "first"), ("b2", "t2", o["t2"], "second")]:
         if default is None and (getattr(args, b) is not None or getattr(args, t) is not None):
@@ -208,7 +209,7 @@ def make_optimizer(args, tokens_per_step):
         extra["decay_power"] = betas["b2"]
     if args.opt == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
         args.adam_lr = args.adam_lr or OPTIMIZERS["adam"]["lr"]
-        extra.update(adam_scale=args.adam_lr / args.lr, heads=model.PRESETS[args.model].H)
+        extra.update(adam_scale=args.adam_lr / args.lr, heads=heads or model.PRESETS[args.model].H)
     return o["make"](**betas, **extra), betas
 
 

@@ -38,6 +38,7 @@ STUDY_SETTINGS = {
     "adam, t2 fixed": ("adam", "t2", (1e-3, 2e-3, 4e-3, 8e-3)),
     "adam, b2 = 0.95": ("adam", 0.95, (5e-4, 1e-3, 2e-3, 4e-3)),
     "adafactor": ("adafactor", "t2", (1e-2, 2e-2, 4e-2, 8e-2)),
+    "muon": ("muon", "t2", (5e-3, 1e-2, 2e-2, 4e-2)),
 }
 SINGLE = " (single run)"      # the accumulation comparison's runs: timed alone, not as lanes
 
@@ -97,11 +98,12 @@ def fmt_loss(loss):
 
 def study_optimizer(setting, batch, cfg, t2):
     """(optimizer, β2) of one study row at one batch size: train.py's optimizer at its default
-    flags (adam's β1 = 0.9, no momentum for sgd) but for β2."""
+    flags (adam's β1 = 0.9, no momentum for sgd; muon's Adam part for the embeddings at --adam-lr
+    over --lr, 5e-3 / 0.02, of the lane's rate) but for β2."""
     name, b2, _ = STUDY_SETTINGS[setting]
     flags = train.common_flags().parse_args(["--opt", name])
     flags.b2 = optim.beta_from_halflife(t2, batch * cfg.T) if b2 == "t2" else b2
-    return train.make_optimizer(flags, batch * cfg.T)[0], flags.b2
+    return train.make_optimizer(flags, batch * cfg.T, heads=cfg.H)[0], flags.b2
 
 
 def main(argv=None):
