@@ -97,9 +97,8 @@ def fmt_loss(loss):
 
 
 def study_optimizer(setting, batch, cfg, t2):
-    """(optimizer, β2) of one study row at one batch size: train.py's optimizer at its default
-    flags (adam's β1 = 0.9, no momentum for sgd; muon's Adam part for the embeddings at --adam-lr
-    over --lr, 5e-3 / 0.02, of the lane's rate) but for β2."""
+    """(optimizer, β2) of one study row at one batch size: train.py's at its default flags but for
+    β2 (adam's β1 0.9, sgd no momentum; muon's embeddings at adam-lr / lr of the lane's rate)."""
     name, b2, _ = STUDY_SETTINGS[setting]
     flags = train.common_flags().parse_args(["--opt", name])
     flags.b2 = optim.beta_from_halflife(t2, batch * cfg.T) if b2 == "t2" else b2
