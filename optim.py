@@ -130,7 +130,7 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
     return Optimizer(init, update)
 
 
-def newton_schulz(g, steps=5, eps=1e-7):
+def newton_schulz(g, steps=5, eps=1e-8):
     """The orthogonal polar factor U·Vᵀ of each matrix g = U·S·Vᵀ in [..., rows, cols], roughly.
 
     From X = g / ‖g‖_F, each step X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ maps every singular value

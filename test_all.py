@@ -173,7 +173,7 @@ def numpy_newton_schulz(x):
     """Five Newton–Schulz steps as the official code writes them, in float64 numpy."""
     a, b, c = 3.4445, -4.7750, 2.0315
     tall = x.shape[0] > x.shape[1]                     # work on the wide side: A is the smaller
-    y = (x.T if tall else x) / (np.linalg.norm(x) + 1e-7)
+    y = (x.T if tall else x) / (np.linalg.norm(x) + 1e-8)
     for _ in range(5):
         A = y @ y.T
         y = a * y + (b * A + c * A @ A) @ y
