@@ -45,7 +45,7 @@ OPTIMIZERS = {
     "sgd": dict(make=optim.sgd, lr=0.7, b1=0.0, t2=None, decay=False),    # vanilla: no momentum
     "adam": dict(make=optim.adam, lr=5e-3, b1=0.9, t2=10e6, decay=True),
     "adafactor": dict(make=optim.adafactor, lr=5e-2, b1=None, t2=10e6, decay=False),
-    "muon": dict(make=optim.muon, lr=0.02, b1=0.95, t2=10e6, decay=False),  # Adam for embeddings
+    "muon": dict(make=optim.muon, lr=0.04, b1=0.95, t2=10e6, decay=False),  # Adam for embeddings
 }
 # What each flag accepts beyond its type: (the words a user reads, the test), checked in order.
 POSITIVE, FINITE = ("a positive integer", lambda v: v >= 1), ("a finite number > 0",
