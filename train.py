@@ -5,12 +5,10 @@
     python train.py --resume --out out/tiny-sgd-b1 --sample 200 --prompt "ROMEO:"   # sample it
     python train.py --help                       # every flag, with its meaning and default
 
-main reads in the order it runs: flags -> derived settings, printed -> data -> parameters and
-optimizer state -> the jitted train step -> the loop (log, evaluate, checkpoint) -> save and
-sample; the helpers and the checkpoint's file format follow it. Writes <out>/log.jsonl (one JSON
-object per event), ckpt.npz (all a resume needs), params.npz and config.json. Exit status: 0 done,
-2 a mistake in the flags or files, 3 diverged, 130 interrupted (Ctrl-C). The paper's other
-results are programs in experiments/ that import this file.
+main reads in the order it runs; its helpers and the file formats follow it. Writes
+<out>/log.jsonl (one JSON object per event), ckpt.npz (all a resume needs), params.npz and
+config.json. Exit status: 0 done, 2 a mistake in the flags or files, 3 diverged, 130 interrupted
+(Ctrl-C). The paper's other results are programs in experiments/ that import this file.
 """
 import argparse
 import dataclasses
@@ -95,8 +93,7 @@ def count(text):
 
 
 def common_flags():
-    """What is trained on what, and how its parameters are updated and stored (experiments/ reuse
-    these flags)."""
+    """What is trained on what, and how it is updated and stored (experiments/ reuse these)."""
     p = Parser(add_help=False)
     add = p.add_argument
     add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
@@ -116,10 +113,10 @@ def common_flags():
     add("--weight-decay", type=float, default=0.0, help="decoupled weight decay (%(default)s)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
         "--t2/--b2 (the paper's; default), or the official code's β2_t = 1 − t^(−β2)")
-    add("--param-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the "
-        "parameters are stored in (%(default)s); optimizer state and math stay float32")
-    add("--rounding", choices=["nearest", "stochastic"], help="how bfloat16 parameters are "
-        "rounded after each update (default stochastic, the paper's Fig. 9)")
+    add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+        help="the parameters' dtype (%(default)s); optimizer state and math stay float32")
+    add("--rounding", choices=["nearest", "stochastic"],
+        help="how bfloat16 parameters are rounded (default stochastic, Fig. 9)")
     return p
 
 
@@ -163,25 +160,23 @@ def make_optimizer(args, tokens_per_step, heads=None):
     """(optimizer, {"b1": β1, "b2": β2}) of args.opt, with only the β's it keeps: from each flag,
     or from its half-life in tokens at this step size (the paper's rule), or OPTIMIZERS' default.
     A flag it has no use for is one sentence and exit 2. Fills in the defaults that depend on the
-    run: --lr, --rounding, --adafactor-decay, --adam-lr. heads: the model's (default: --model's),
+    run (--lr, --rounding, --adafactor-decay, --adam-lr). heads: the model's (default --model's),
     which muon orthogonalizes apart."""
-    o, bf16 = OPTIMIZERS[args.opt], args.param_dtype == "bfloat16"
+    name, o = args.opt, OPTIMIZERS[args.opt]
     for b, t, default, which in [("b1", "t1", o["b1"], "first"), ("b2", "t2", o["t2"], "second")]:
         if default is None and (getattr(args, b) is not None or getattr(args, t) is not None):
-            die(f"--{b}/--{t} do not apply to {args.opt}, which keeps no {which} moment.")
-    decays = ", ".join(name for name, o in OPTIMIZERS.items() if o["decay"])
-    for flag, applies, to in [   # flags that apply to some runs only
-            ("rounding", bf16, "--param-dtype bfloat16 only; float32 parameters store the "
-             "float32 sum exactly"),
-            ("adafactor_decay", args.opt == "adafactor", f"adafactor only, not {args.opt}"),
-            ("adam_lr", args.opt == "muon", f"muon only, not {args.opt}"),
-            ("weight_decay", o["decay"], f"{decays} only; the paper uses none with {args.opt}")]:
+            die(f"--{b}/--{t} do not apply to {name}, which keeps no {which} moment.")
+    decays = ", ".join(n for n, spec in OPTIMIZERS.items() if spec["decay"])
+    for flag, applies, default, to in [   # the flags that apply to some runs only, and defaults
+            ("rounding", args.param_dtype == "bfloat16", "stochastic",  # nearest stalls: Fig. 9
+             "--param-dtype bfloat16 only; float32 parameters store the float32 sum exactly"),
+            ("adafactor_decay", name == "adafactor", "constant", f"adafactor only, not {name}"),
+            ("adam_lr", name == "muon", OPTIMIZERS["adam"]["lr"], f"muon only, not {name}"),
+            ("weight_decay", o["decay"], 0.0, f"{decays} only; the paper uses none with {name}")]:
         if getattr(args, flag) and not applies:
             die(f"--{flag.replace('_', '-')} applies to {to}.")
-    # bf16 weights round stochastically by default, the paper's recipe: nearest stalls (Fig. 9)
-    args.rounding = args.rounding or ("stochastic" if bf16 else None)
-    args.adafactor_decay = args.adafactor_decay or ("constant" if args.opt == "adafactor" else None)
-    args.adam_lr = args.adam_lr or (OPTIMIZERS["adam"]["lr"] if args.opt == "muon" else None)
+        if applies and getattr(args, flag) is None:
+            setattr(args, flag, default)
     args.lr = args.lr or o["lr"]
     from_halflife = lambda t: optim.beta_from_halflife(t, tokens_per_step)
     betas = {}
@@ -196,7 +191,7 @@ def make_optimizer(args, tokens_per_step, heads=None):
     extra = {"weight_decay": args.weight_decay} if o["decay"] else {}
     if args.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
         extra["decay_power"] = betas["b2"]
-    if args.opt == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
+    if name == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
         extra.update(adam_scale=args.adam_lr / args.lr, heads=heads or model.PRESETS[args.model].H)
     return o["make"](**betas, **extra), betas
 
@@ -276,7 +271,7 @@ def main(argv=None):
     if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:  # a result
         print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
               f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
-        return print_sample(restore(ckpt, {"params": shapes}, out)["params"], cfg, args)
+        return print_sample(unflatten(ckpt, {"params": shapes})["params"], cfg, args)
     if args.batch % args.grad_accum:
         die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
             "the K micro-batches holds B/K whole sequences, so K must divide B.")
@@ -323,21 +318,18 @@ def main(argv=None):
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
     state_shapes = jax.eval_shape(opt.init, shapes)
+    buffer = model.nbytes(jax.eval_shape(accumulation_buffer, shapes))
     print(f"memory     parameters {model.nbytes(shapes):,} bytes ({args.param_dtype}, "
           f"{jnp.dtype(args.param_dtype).itemsize} bytes each"
           + (f", rounded {args.rounding}" if args.rounding else "")
           + f"), optimizer state {model.nbytes(state_shapes):,} bytes (float32)"
-          + (f", accumulation buffer {model.nbytes(jax.eval_shape(accumulation_buffer, shapes)):,}"
-             f" bytes (float32; {args.grad_accum} micro-batches of {args.batch // args.grad_accum})"
-             if args.grad_accum > 1 else ""))
+          + (f", accumulation buffer {buffer:,} bytes (float32; {args.grad_accum} micro-batches "
+             f"of {args.batch // args.grad_accum})" if args.grad_accum > 1 else ""))
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
     if args.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
-        state = restore(ckpt, {"params": shapes, "opt_state": state_shapes}, out)
-        params, opt_state = state["params"], state["opt_state"]
-        key = jax.random.wrap_key_data(jnp.asarray(ckpt["key"]))
-        stats = {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])}
+        params, opt_state, stats, key = restore(ckpt, shapes, state_shapes, out)
         print(f"resume     from {out}/ckpt.npz at step {start:,} "
               f"({fmt_tokens(meta['tokens'])} tokens)")
     else:
@@ -590,13 +582,14 @@ def unflatten(arrays, template):
                               [jnp.asarray(arrays[n], t.dtype) for n, t in names.items()])
 
 
-def restore(ckpt, template, out):
-    """unflatten of a checkpoint being resumed: the state of this model and optimizer, or exit 2."""
-    state = unflatten(ckpt, template)
+def restore(ckpt, shapes, state_shapes, out):
+    """(params, opt_state, stats, key) of the run saved in ckpt, the arrays of out/ckpt.npz."""
+    state = unflatten(ckpt, {"params": shapes, "opt_state": state_shapes})
     if state is None:
         die(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of this model and "
             "optimizer.")
-    return state
+    stats = {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])}
+    return state["params"], state["opt_state"], stats, jax.random.wrap_key_data(ckpt["key"])
 
 
 if __name__ == "__main__":
