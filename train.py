@@ -49,12 +49,12 @@ POSITIVE = ("a positive integer", lambda v: v >= 1)
 FINITE = ("a finite number > 0", lambda v: 0 < v < math.inf)
 TOKENS = ("a number of tokens > 0", lambda v: v > 0)
 BETA = ("a number in [0, 1)", lambda v: 0 <= v < 1)
-ACCEPTS = dict(
-    batch=POSITIVE, grad_accum=POSITIVE, lr=FINITE, adam_lr=FINITE, temperature=FINITE, b1=BETA,
-    b2=BETA, t1=TOKENS, t2=TOKENS, tokens=TOKENS, log_tokens=TOKENS, eval_tokens=TOKENS,
-    ckpt_tokens=TOKENS, weight_decay=("a finite number >= 0", lambda v: 0 <= v < math.inf),
-    warmup=("a fraction in [0, 1)", lambda v: 0 <= v < 1),
-    seed=("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63),
+ACCEPTS = dict(   # checked in this order
+    batch=POSITIVE, grad_accum=POSITIVE, lr=FINITE, adam_lr=FINITE, b1=BETA, b2=BETA, t1=TOKENS,
+    t2=TOKENS, weight_decay=("a finite number >= 0", lambda v: 0 <= v < math.inf),
+    warmup=("a fraction in [0, 1)", lambda v: 0 <= v < 1), tokens=TOKENS,
+    seed=("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63), log_tokens=TOKENS,
+    eval_tokens=TOKENS, ckpt_tokens=TOKENS, temperature=FINITE,
     sample=("a number of tokens >= 0", lambda v: v >= 0),
     prompt=("a text of at least one character", lambda v: len(v) > 0))
 # The flags that shape only the sample: a rerun that changes them replaces no result.
@@ -110,7 +110,8 @@ def common_flags():
     b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
     b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor)")
     b2.add_argument("--t2", type=count, help="second-moment half-life in tokens (default 10M)")
-    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay (%(default)s)")
+    add("--weight-decay", type=float, default=0.0,
+        help="decoupled weight decay, adam only (%(default)s, as the paper at small batch)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
         "--t2/--b2 (the paper's; default), or the official code's β2_t = 1 − t^(−β2)")
     add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
