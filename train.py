@@ -185,9 +185,9 @@ def make_optimizer(args, tokens_per_step, heads=None):
         betas["b1"] = from_halflife(args.t1) if args.t1 else o["b1"] if args.b1 is None else args.b1
     if o["t2"] is not None:      # from a half-life by default (10M tokens), or --b2
         betas["b2"] = from_halflife(args.t2 or o["t2"]) if args.b2 is None else args.b2
-    for name, beta in betas.items():
+    for b, beta in betas.items():
         if beta >= 1:            # 0.5 ** (B·T / t) rounds to 1 when t >> B·T
-            die(f"--t{name[1]} is so long that {name} rounds to 1 at {tokens_per_step:,} tokens "
+            die(f"--t{b[1]} is so long that {b} rounds to 1 at {tokens_per_step:,} tokens "
                 "per step, and the average would never move; give a shorter half-life.")
     extra = {"weight_decay": args.weight_decay} if o["decay"] else {}
     if args.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
