@@ -5,15 +5,12 @@
     python train.py --resume --out out/tiny-sgd-b1 --sample 200 --prompt "ROMEO:"   # sample it
     python train.py --help                       # every flag, with its meaning and default
 
-Reads in the order it runs: flags -> derived settings, printed -> data -> parameters and
-optimizer state -> the jitted train step -> the loop (log, evaluate, checkpoint) -> save and
-sample; the checkpoint's file format comes last. Writes <out>/log.jsonl (one JSON object per
-event), ckpt.npz (all a resume needs), params.npz and config.json. Exit status: 0 done, 2 a
-mistake in the flags or files, 3 diverged, 130 interrupted (Ctrl-C). The paper's other results
-are programs in experiments/ that import this file.
+main reads in the order it runs; its helpers and the file formats follow it. Writes
+<out>/log.jsonl (one JSON object per event), ckpt.npz (all a resume needs), params.npz and
+config.json. Exit status: 0 done, 2 a mistake in the flags or files, 3 diverged, 130 interrupted
+(Ctrl-C). The paper's other results are programs in experiments/ that import this file.
 """
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -47,21 +44,19 @@ OPTIMIZERS = {
     "adafactor": dict(make=optim.adafactor, lr=5e-2, b1=None, t2=10e6, decay=False),
     "muon": dict(make=optim.muon, lr=0.04, b1=0.95, t2=10e6, decay=False),  # Adam for embeddings
 }
-# What each flag accepts beyond its type: (the words a user reads, the test), checked in order.
-POSITIVE, FINITE = ("a positive integer", lambda v: v >= 1), ("a finite number > 0",
-                                                                lambda v: 0 < v < math.inf)
-TOKENS, BETA = ("a number of tokens > 0", lambda v: v > 0), ("a number in [0, 1)",
-                                                              lambda v: 0 <= v < 1)
-ACCEPTS = {
-    "batch": POSITIVE, "grad_accum": POSITIVE, "lr": FINITE, "adam_lr": FINITE, "b1": BETA,
-    "b2": BETA,
-    "t1": TOKENS, "t2": TOKENS, "weight_decay": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
-    "warmup": ("a fraction in [0, 1)", lambda v: 0 <= v < 1), "tokens": TOKENS,
-    "seed": ("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63), "log_tokens": TOKENS,
-    "eval_tokens": TOKENS, "ckpt_tokens": TOKENS, "temperature": FINITE,
-    "sample": ("a number of tokens >= 0", lambda v: v >= 0),
-    "prompt": ("a text of at least one character", lambda v: len(v) > 0),
-}
+# What each flag accepts beyond its type: the words a user reads, and the test.
+POSITIVE = ("a positive integer", lambda v: v >= 1)
+FINITE = ("a finite number > 0", lambda v: 0 < v < math.inf)
+TOKENS = ("a number of tokens > 0", lambda v: v > 0)
+BETA = ("a number in [0, 1)", lambda v: 0 <= v < 1)
+ACCEPTS = dict(   # checked in this order
+    batch=POSITIVE, grad_accum=POSITIVE, lr=FINITE, adam_lr=FINITE, b1=BETA, b2=BETA, t1=TOKENS,
+    t2=TOKENS, weight_decay=("a finite number >= 0", lambda v: 0 <= v < math.inf),
+    warmup=("a fraction in [0, 1)", lambda v: 0 <= v < 1), tokens=TOKENS,
+    seed=("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63), log_tokens=TOKENS,
+    eval_tokens=TOKENS, ckpt_tokens=TOKENS, temperature=FINITE,
+    sample=("a number of tokens >= 0", lambda v: v >= 0),
+    prompt=("a text of at least one character", lambda v: len(v) > 0))
 # The flags that shape only the sample: a rerun that changes them replaces no result.
 SAMPLE_FLAGS = ("sample", "prompt", "temperature")
 # The flags --resume lets change: the budget, where it logs, the data file's path (its tokens
@@ -98,35 +93,31 @@ def count(text):
 
 
 def common_flags():
-    """What is trained on what, and how its parameters are updated and stored (experiments/ reuse
-    these flags)."""
+    """What is trained on what, and how it is updated and stored (experiments/ reuse these)."""
     p = Parser(add_help=False)
     add = p.add_argument
     add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
     add("--data", default=os.path.relpath(data.DEFAULT_TEXT),
         help="any UTF-8 text file (default: the shipped Shakespeare)")
     add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
-    add("--opt", choices=list(OPTIMIZERS), default="sgd",
-        help="optimizer (default %(default)s, which without momentum keeps no state at all)")
+    add("--opt", choices=list(OPTIMIZERS), default="sgd", help="optimizer (%(default)s)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
         f"{name} {o['lr']:g}" for name, o in OPTIMIZERS.items()) + ")")
-    add("--adam-lr", type=float, help="muon only: the peak learning rate of the Adam that trains "
-        f"the embeddings (default adam's, {OPTIMIZERS['adam']['lr']:g})")
+    add("--adam-lr", type=float, help="muon only: the peak learning rate of its Adam for the "
+        f"embeddings (default adam's, {OPTIMIZERS['adam']['lr']:g})")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
     b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0)")
     b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
     b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor)")
-    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
-                    "(default 10M, the paper's: β2 then follows the batch size)")
+    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens (default 10M)")
     add("--weight-decay", type=float, default=0.0,
-        help="decoupled weight decay, adam only (default %(default)s, as the paper at small batch)")
+        help="decoupled weight decay, adam only (%(default)s, as the paper at small batch)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
-        "--t2/--b2 with bias correction (the default, as the paper describes it), or power, the "
-        "official code's schedule β2_t = 1 − t^(−β2)")
-    add("--param-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype the "
-        "parameters are stored in (default %(default)s); optimizer state and math stay float32")
-    add("--rounding", choices=["nearest", "stochastic"], help="how bfloat16 parameters are "
-        "rounded after each update (default stochastic, the paper's Fig. 9)")
+        "--t2/--b2 (the paper's; default), or the official code's β2_t = 1 − t^(−β2)")
+    add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+        help="the parameters' dtype (%(default)s); optimizer state and math stay float32")
+    add("--rounding", choices=["nearest", "stochastic"],
+        help="how bfloat16 parameters are rounded (default stochastic, Fig. 9)")
     return p
 
 
@@ -135,25 +126,22 @@ def make_parser():
                parents=[common_flags()])
     add = p.add_argument
     add("--batch", type=int, default=1, help="sequences per optimizer step, B (%(default)s)")
-    add("--grad-accum", type=int, default=1, help="split each step's batch into K micro-batches, "
-        "gradients summed in a float32 buffer (default 1: none, as one device never needs it)")
-    add("--warmup", type=float, default=0.05,
-        help="fraction of the steps in linear warmup (%(default)s)")
+    add("--grad-accum", type=int, default=1, help="split each step's batch into K micro-batches "
+        "whose gradients are summed in float32 (default 1: none)")
+    add("--warmup", type=float, default=0.05, help="fraction of steps in warmup (%(default)s)")
     add("--tokens", type=count, help="training budget in tokens (default: one pass over the data)")
     add("--out", help="output folder (default out/<model>-<opt>-b<batch>, plus -accum<K> with "
         "--grad-accum and -bf16-<rounding> for bf16 weights)")
     add("--log-tokens", type=count, default=16_384, help="log every this many tokens (%(default)s)")
-    add("--eval-tokens", type=count, default=100_000,
-        help="evaluate every this many tokens and at the end (%(default)s)")
+    add("--eval-tokens", type=count, default=100_000, help="evaluate every this many tokens and "
+        "at the end (%(default)s)")
     add("--ckpt-tokens", type=count, default=100_000, help="write <out>/ckpt.npz every this many "
         "tokens, at the end and on Ctrl-C (%(default)s; raise it on a GPU)")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint, "
-        "exactly (only the budget, data path, --grad-accum, logging and sample flags may "
-        "change); on a finished run, sample from it")
+    add("--resume", action="store_true", help="continue the run in --out exactly from its "
+        "checkpoint; on a finished run, sample from it")
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
-    add("--temperature", type=float, default=1.0, help="the sample's softmax temperature "
-        "(%(default)s: the model's own distribution)")
+    add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
     return p
 
 
@@ -172,27 +160,24 @@ def parse_args(parser, argv=None):
 def make_optimizer(args, tokens_per_step, heads=None):
     """(optimizer, {"b1": β1, "b2": β2}) of args.opt, with only the β's it keeps: from each flag,
     or from its half-life in tokens at this step size (the paper's rule), or OPTIMIZERS' default.
-    A flag it has no use for is one sentence and exit 2. Fills in --lr, --rounding for bf16
-    weights (stochastic, the paper's recipe: nearest rounding stalls, Fig. 9), --adafactor-decay
-    and --adam-lr. heads: the model's (default: --model's), which muon orthogonalizes apart."""
-    o = OPTIMIZERS[args.opt]
+    A flag it has no use for is one sentence and exit 2. Fills in the defaults that depend on the
+    run (--lr, --rounding, --adafactor-decay, --adam-lr). heads: the model's (default --model's),
+    which muon orthogonalizes apart."""
+    name, o = args.opt, OPTIMIZERS[args.opt]
     for b, t, default, which in [("b1", "t1", o["b1"], "first"), ("b2", "t2", o["t2"], "second")]:
         if default is None and (getattr(args, b) is not None or getattr(args, t) is not None):
-            die(f"--{b}/--{t} do not apply to {args.opt}, which keeps no {which} moment.")
-    decays = [n for n, o in OPTIMIZERS.items() if o["decay"]]
-    for flag, applies, to in [   # flags that apply to some runs only
-            ("rounding", args.param_dtype == "bfloat16", "--param-dtype bfloat16 only; float32 "
-             "parameters store the float32 sum exactly"),
-            ("adafactor_decay", args.opt == "adafactor", f"adafactor only, not {args.opt}"),
-            ("adam_lr", args.opt == "muon", f"muon only, not {args.opt}"),
-            ("weight_decay", o["decay"], f"{', '.join(decays)} only; the paper uses none with "
-             f"{args.opt}")]:
+            die(f"--{b}/--{t} do not apply to {name}, which keeps no {which} moment.")
+    decays = ", ".join(n for n, spec in OPTIMIZERS.items() if spec["decay"])
+    for flag, applies, default, to in [   # the flags that apply to some runs only, and defaults
+            ("rounding", args.param_dtype == "bfloat16", "stochastic",  # nearest stalls: Fig. 9
+             "--param-dtype bfloat16 only; float32 parameters store the float32 sum exactly"),
+            ("adafactor_decay", name == "adafactor", "constant", f"adafactor only, not {name}"),
+            ("adam_lr", name == "muon", OPTIMIZERS["adam"]["lr"], f"muon only, not {name}"),
+            ("weight_decay", o["decay"], 0.0, f"{decays} only; the paper uses none with {name}")]:
         if getattr(args, flag) and not applies:
             die(f"--{flag.replace('_', '-')} applies to {to}.")
-    if args.param_dtype == "bfloat16":
-        args.rounding = args.rounding or "stochastic"
-    if args.opt == "adafactor":
-        args.adafactor_decay = args.adafactor_decay or "constant"
+        if applies and getattr(args, flag) is None:
+            setattr(args, flag, default)
     args.lr = args.lr or o["lr"]
     from_halflife = lambda t: optim.beta_from_halflife(t, tokens_per_step)
     betas = {}
@@ -200,15 +185,14 @@ def make_optimizer(args, tokens_per_step, heads=None):
         betas["b1"] = from_halflife(args.t1) if args.t1 else o["b1"] if args.b1 is None else args.b1
     if o["t2"] is not None:      # from a half-life by default (10M tokens), or --b2
         betas["b2"] = from_halflife(args.t2 or o["t2"]) if args.b2 is None else args.b2
-    for name, beta in betas.items():
+    for b, beta in betas.items():
         if beta >= 1:            # 0.5 ** (B·T / t) rounds to 1 when t >> B·T
-            die(f"--t{name[1]} is so long that {name} rounds to 1 at {tokens_per_step:,} tokens "
+            die(f"--t{b[1]} is so long that {b} rounds to 1 at {tokens_per_step:,} tokens "
                 "per step, and the average would never move; give a shorter half-life.")
     extra = {"weight_decay": args.weight_decay} if o["decay"] else {}
     if args.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
         extra["decay_power"] = betas["b2"]
-    if args.opt == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
-        args.adam_lr = args.adam_lr or OPTIMIZERS["adam"]["lr"]
+    if name == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
         extra.update(adam_scale=args.adam_lr / args.lr, heads=heads or model.PRESETS[args.model].H)
     return o["make"](**betas, **extra), betas
 
@@ -224,9 +208,9 @@ def gradients(params, x, y, cfg, grad_accum=1):
     """(mean loss, gradient) of the batch x, y [B, T].
 
     With grad_accum K > 1 the batch is split into K micro-batches of B/K sequences, run one after
-    another; their gradients are summed into accumulation_buffer and divided by K. The result is
-    the full batch's gradient (the loss is a mean over equal-sized parts), computed in K times
-    less activation memory, for a parameter-sized buffer and no other gain: the paper's point.
+    another; their gradients are summed into accumulation_buffer and divided by K: the full
+    batch's gradient in K times less activation memory, for a parameter-sized buffer and no other
+    gain (the paper's point).
     """
     if grad_accum == 1:
         return jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
@@ -238,6 +222,7 @@ def gradients(params, x, y, cfg, grad_accum=1):
 
     total, losses = jax.lax.scan(add_micro_batch, accumulation_buffer(params), (micro(x), micro(y)))
     return losses.mean(), jax.tree.map(lambda g: g / grad_accum, total)
+
 
 def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None):
     """The training step, a pure function to jit:
@@ -274,22 +259,17 @@ def evaluate(params, x, y, cfg):
                        (x, y)).mean()
 
 
-@jax.jit
-def all_finite(tree):
-    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
-
-
 # -- main ---------------------------------------------------------------------------------------
 
 def main(argv=None):
     args, given = parse_args(make_parser(), argv)
-    out, ckpt, meta = open_run(args, given)            # on --resume: the checkpoint's flags
+    out, ckpt, meta = open_run(args, given)   # meta: the checkpoint in --out, if there is one
     cfg = model.PRESETS[args.model]
     tokens_per_step = args.batch * cfg.T
     opt, betas = make_optimizer(args, tokens_per_step)
     shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
                                                args.param_dtype))
-    if meta and meta["step"] >= meta["n_steps"] and "tokens" not in given:   # sample a result
+    if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:  # a result
         print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
               f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
         return print_sample(unflatten(ckpt, {"params": shapes})["params"], cfg, args)
@@ -301,21 +281,20 @@ def main(argv=None):
     except data.DataError as e:
         die(str(e))
     data_hash = data.fingerprint(train_tokens, val_tokens)
-    if meta and data_hash != meta["data_sha256"]:
+    if args.resume and data_hash != meta["data_sha256"]:
         die(f"the tokens of --data {args.data} differ from those the checkpoint was trained on.")
     budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
-    n_steps, start = budget // tokens_per_step, meta["step"] if meta else 0
+    n_steps, start = budget // tokens_per_step, meta["step"] if args.resume else 0
     if n_steps < 1:
         die(f"--tokens {budget:,} is less than one optimizer step of {tokens_per_step:,} tokens "
             f"(--batch {args.batch} x T = {cfg.T}).")
     if start >= n_steps:
         die(f"the run in {out} has already trained {start:,} steps, more than the {n_steps:,} of "
             f"--tokens {budget:,}; pass a larger --tokens to train it further.")
-    lr = args.lr                                        # resolved by make_optimizer
     args.tokens, args.out = n_steps * tokens_per_step, str(out)   # as resolved
-    if not meta:
-        refuse_to_overwrite(out, args)
-    log_file = open_log(out, start if meta else None)   # the first thing written
+    if meta and not args.resume:
+        refuse_to_overwrite(out, meta, args)
+    log_file = open_log(out, start if args.resume else None)   # the first thing written
 
     # -- derived settings, printed once ----------------------------------------------------
     print("command    python train.py " + " ".join(   # the run's flags, resolved: rerun to repeat
@@ -329,13 +308,13 @@ def main(argv=None):
     print(f"data       {args.data}: {len(train_tokens):,} training tokens "
           f"({data.n_windows(train_tokens, cfg.T):,} windows of T + 1), "
           f"{len(val_tokens):,} validation tokens")
-    print(f"optimizer  {args.opt}: peak lr {lr:g}" + (f" (adam-lr {args.adam_lr:g} for the "
-        "embeddings)" if args.adam_lr else "") + ("".join(   # each β with its half-life
-        f", {'momentum' if name == 'b1' and args.opt == 'sgd' else name} {beta:.6g} (half-life "
-        f"{fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} tokens)"
-        for name, beta in betas.items() if beta) or (", no momentum" if args.opt == "sgd" else ""))
-        + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if args.adafactor_decay == "power"
-           else "") + f", weight decay {args.weight_decay:g}")
+    halflife = lambda beta: fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))
+    print(f"optimizer  {args.opt}: peak lr {args.lr:g}"
+          + (f" (adam-lr {args.adam_lr:g} for the embeddings)" if args.adam_lr else "")
+          + "".join(f", {name} {beta:.6g}" + (f" (half-life {halflife(beta)} tokens)" if beta
+                                              else "") for name, beta in betas.items())
+          + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if args.adafactor_decay == "power"
+             else "") + f", weight decay {args.weight_decay:g}")
     print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens; warmup {args.warmup:g} "
           f"({math.ceil(args.warmup * n_steps):,} steps), then cosine to 0")
@@ -350,14 +329,8 @@ def main(argv=None):
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
-    if meta:          # the checkpoint's state exactly, so the run goes on as if never stopped
-        key = jax.random.wrap_key_data(jnp.asarray(ckpt["key"]))
-        state = unflatten(ckpt, {"params": shapes, "opt_state": state_shapes})
-        if state is None:
-            die(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of this "
-                "model and optimizer.")
-        params, opt_state = state["params"], state["opt_state"]
-        stats = {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])}
+    if args.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
+        params, opt_state, stats, key = restore(ckpt, shapes, state_shapes, out)
         print(f"resume     from {out}/ckpt.npz at step {start:,} "
               f"({fmt_tokens(meta['tokens'])} tokens)")
     else:
@@ -368,7 +341,7 @@ def main(argv=None):
                               key=jax.random.fold_in(key, 2))    # the rounding's random bits
     # batches are addressed by step number, so a resumed run sees the data it would have seen
     batch = lambda step: data.get_batch(train_tokens, step, args.batch, cfg.T, args.seed)
-    t0, peak_lr = time.time(), jnp.float32(lr)
+    t0, peak_lr = time.time(), jnp.float32(args.lr)
     # compiled ahead of time, once: fixed shapes and the step number as an array mean the step
     # never recompiles; params, state and stats are donated, so they are updated in place
     step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
@@ -376,10 +349,7 @@ def main(argv=None):
     print(f"compiled the train step in {time.time() - t0:.1f} s")
     val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
     evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
-
-    def log(**event):
-        log_file.write(json.dumps(event) + "\n")
-        log_file.flush()
+    log = lambda **event: log_file.write(json.dumps(event) + "\n")   # line-buffered: one write
 
     def run_eval(step):
         val_loss = float(evaluate_fn(params, val_x, val_y, cfg=cfg))   # a host sync
@@ -390,10 +360,10 @@ def main(argv=None):
     # Besides the arrays, a checkpoint holds what the loop keeps on the host, so that a resumed
     # run logs as if it had never stopped: the step that opened the current logging window, the
     # last validation loss, and the clocks (the window's time, the time since the start).
-    t_start = time.time() - (meta["elapsed_s"] if meta else 0)
-    val_loss = meta["val_loss"] if meta else run_eval(0)
-    t_window = time.time() - (meta["window_s"] if meta else 0)
-    window_start = meta["window_start"] if meta else 0
+    host = meta if args.resume else {"elapsed_s": 0, "window_s": 0, "window_start": 0}
+    t_start = time.time() - host["elapsed_s"]
+    val_loss = meta["val_loss"] if args.resume else run_eval(0)
+    t_window, window_start = time.time() - host["window_s"], host["window_start"]
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
@@ -414,7 +384,7 @@ def main(argv=None):
         interrupted.append(True)
         signal.signal(signal.SIGINT, previous_handler)
     signal.signal(signal.SIGINT, on_sigint)
-    saved_step = done = start if meta else checkpoint(0)   # a checkpoint from step 0 on
+    saved_step = done = start if args.resume else checkpoint(0)   # a checkpoint from step 0 on
     # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
     crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
     try:
@@ -428,7 +398,7 @@ def main(argv=None):
             save_now = crossed(tokens, args.ckpt_tokens) or last or stop
             # nothing bad is logged or saved: a host sync, so only at these points
             if (log_now or eval_now or save_now) and (bad := diverged(stats, params, done)):
-                lr_bad = float(optim.lr_at(bad - 1, n_steps, lr, args.warmup))
+                lr_bad = float(optim.lr_at(bad - 1, n_steps, args.lr, args.warmup))
                 log(step=bad, tokens=bad * tokens_per_step, diverged=True, lr=lr_bad)
                 die(f"the run diverged: the loss or the parameters were not finite by step "
                     f"{bad:,} ({bad * tokens_per_step:,} tokens seen, learning rate {lr_bad:.3g}); "
@@ -437,7 +407,7 @@ def main(argv=None):
             if log_now:
                 train_loss = float(stats["loss_sum"]) / (done - window_start)  # a host sync
                 tok_per_s = (done - window_start) * tokens_per_step / (time.time() - t_window)
-                lr_now = float(optim.lr_at(step, n_steps, lr, args.warmup))
+                lr_now = float(optim.lr_at(step, n_steps, args.lr, args.warmup))
                 log(step=done, tokens=tokens, train_loss=train_loss, lr=lr_now,
                     tok_per_s=tok_per_s, elapsed_s=time.time() - t_start)
                 print(f"step {done:>6,}/{n_steps:,} | tokens {fmt_tokens(tokens):>6} | "
@@ -472,6 +442,8 @@ def main(argv=None):
     print_sample(params, cfg, args)
 
 
+# -- helpers of main ----------------------------------------------------------------------------
+
 def print_sample(params, cfg, args):
     """--sample tokens after --prompt, drawn with a key from --seed (the run's, by default)."""
     if args.sample:
@@ -480,8 +452,6 @@ def print_sample(params, cfg, args):
         print(f"--- sample ({args.sample} tokens, temperature {args.temperature:g}, seed "
               f"{args.seed}) ---\n{args.prompt}{data.decode(ids)}")
 
-
-# -- what main does once per run, and the checkpoint's file format -------------------------------
 
 def fmt_tokens(n):
     """1234567 -> '1.235M': token counts as people say them."""
@@ -496,26 +466,34 @@ def diverged(stats, params, done):
     return bad + 1 if bad >= 0 else 0 if all_finite(params) else done
 
 
+@jax.jit
+def all_finite(tree):
+    return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def open_run(args, given):
-    """(the output folder, the checkpoint's arrays, its meta): with --resume, those of the run
-    to go on, whose flags replace the defaults; without, (out, None, None)."""
+    """(the output folder, the checkpoint's arrays, its meta). With --resume the checkpoint must
+    be whole and of this format, and its flags replace the defaults; without, the arrays are None
+    and meta (None if there is no readable checkpoint) says whether the folder may be reused."""
     bf16 = f"-bf16-{args.rounding or 'stochastic'}" if args.param_dtype == "bfloat16" else ""
     accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
     out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}")
-    if not args.resume:
-        return out, None, None
-    if "grad_accum" in given and not args.out:
+    path = out / "ckpt.npz"
+    if args.resume and "grad_accum" in given and not args.out:
         die("--resume with --grad-accum needs --out naming the run's folder: the default "
             "folder's name depends on --grad-accum, so it may not be the run you mean.")
-    path = out / "ckpt.npz"
-    if not path.exists():
+    if args.resume and not path.exists():
         die(f"there is no checkpoint {path} to resume from; run without --resume to start, or "
             "pass the --out of the run to continue.")
     try:
         arrays, meta = load_checkpoint(path)
     except CKPT_ERRORS as e:
-        die(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); it cannot be "
-            "resumed.")
+        if args.resume:
+            die(f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); it cannot "
+                "be resumed.")
+        return out, None, None         # none, or unreadable: nothing that could be resumed
+    if not args.resume:
+        return out, None, meta
     if meta.get("version") != CKPT_VERSION:
         die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
             f"version {CKPT_VERSION}.")
@@ -531,13 +509,9 @@ def open_run(args, given):
     return out, arrays, meta
 
 
-def refuse_to_overwrite(out, args):
+def refuse_to_overwrite(out, meta, args):
     """A new run may replace a finished run of the same flags (a rerun), never one of other
     flags or one that can still be resumed: no result is lost by mistake."""
-    try:
-        meta = load_checkpoint(out / "ckpt.npz")[1]
-    except CKPT_ERRORS:                # none, or unreadable: nothing that could be resumed
-        return
     if meta.get("step", 0) < meta.get("n_steps", 0):
         die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
             "continue it with --resume, or pass another --out to start a new one.")
@@ -549,22 +523,24 @@ def refuse_to_overwrite(out, args):
 
 
 def open_log(out, keep_to_step):
-    """Create out/ and open log.jsonl to append to: a fresh log, or on resume the log's whole
-    events up to the checkpoint's step (a crash may have logged past it, or cut a line short)."""
-    path, kept = out / "log.jsonl", []
+    """Create out/ and open log.jsonl to append to, line-buffered: a fresh log, or on resume the
+    log up to the checkpoint's step (a crash may have logged past it, or cut its last line)."""
+    path, keep = out / "log.jsonl", 0
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for line in path.read_text(errors="replace").splitlines() if keep_to_step is not None \
-                and path.exists() else []:
-            with contextlib.suppress(ValueError, KeyError):   # a line cut short is dropped
-                kept += [line + "\n"] if json.loads(line)["step"] <= keep_to_step else []
-        (out / "log.tmp.jsonl").write_text("".join(kept))
-        os.replace(out / "log.tmp.jsonl", path)
-        return open(path, "a")
+        # events are in step order, so the kept ones are the lines before the first to drop
+        for line in path.open("rb") if keep_to_step is not None and path.exists() else []:
+            if not line.endswith(b"\n") or json.loads(line)["step"] > keep_to_step:
+                break
+            keep += len(line)
+        log_file = open(path, "a", buffering=1)
+        log_file.truncate(keep)
+        return log_file
     except OSError as e:
         die(f"--out {out} cannot be written ({e.strerror}).")
 
 
+# -- the checkpoint's file format ---------------------------------------------------------------
 # ckpt.npz holds the parameters and the optimizer state by path name ("params.embed",
 # "opt_state.m.embed", ...), the run's key, the loss summed in the current logging window, and
 # "meta": a JSON string of the flags, the step, the clocks and a hash of the tokens.
@@ -605,6 +581,16 @@ def unflatten(arrays, template):
         return None
     return jax.tree.unflatten(jax.tree.structure(template),
                               [jnp.asarray(arrays[n], t.dtype) for n, t in names.items()])
+
+
+def restore(ckpt, shapes, state_shapes, out):
+    """(params, opt_state, stats, key) of the run saved in ckpt, the arrays of out/ckpt.npz."""
+    state = unflatten(ckpt, {"params": shapes, "opt_state": state_shapes})
+    if state is None:
+        die(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of this model and "
+            "optimizer.")
+    stats = {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])}
+    return state["params"], state["opt_state"], stats, jax.random.wrap_key_data(ckpt["key"])
 
 
 if __name__ == "__main__":
