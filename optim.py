@@ -151,7 +151,7 @@ QKV = ("wq", "wk", "wv")   # [D, H·K]: head h owns columns h·K to (h + 1)·K; 
 
 
 def _heads(name, x, heads):
-    """[rows, cols] -> [slices, r, c]: heads apart, as the official [3, H, D, K], [H, K, D] kernels."""
+    """[rows, cols] -> [slices, r, c]: each head apart, as in the official einsum kernels."""
     if name.endswith(QKV):
         return x.reshape(x.shape[0], heads, -1).swapaxes(0, 1)                # [H, D, K]
     return x.reshape(heads, -1, x.shape[1]) if name.endswith("wo") else x[None]   # [H, K, D]
@@ -170,7 +170,7 @@ def muon(b1=0.95, b2=0.999, eps=1e-8, adam_scale=1.0, heads=1, adam_leaves=("emb
 
     def init(params):
         embeddings, matrices = split(params)
-        return {"adam": inner.init(embeddings), "m": _zeros(matrices), "t": jnp.zeros([], jnp.int32)}
+        return {"adam": inner.init(embeddings), "m": _zeros(matrices), "t": jnp.int32(0)}
 
     def update(grads, state, params, lr):
         (g_emb, g), p_emb = split(_to_f32(grads)), split(params)[0]

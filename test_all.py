@@ -232,6 +232,24 @@ def test_muon_matches_numpy():
         np.testing.assert_allclose(got[n], adam_got[n], rtol=1e-6, err_msg=n)
 
 
+def test_muon_flags_reach_the_optimizer():
+    """--adam-lr over --lr reaches muon as the embeddings' rate ratio, and --model's heads as its
+    slices: the optimizer built from the flags updates like optim.muon built by hand, and unlike
+    one with the ratio or the heads left at 1."""
+    args, _ = train.parse_args(train.make_parser(), ["--opt", "muon", "--model", "30m", "--lr",
+                                                     "0.02", "--adam-lr", "1e-3"])
+    opt, betas = train.make_optimizer(args, tokens_per_step=512)
+    rng = np.random.default_rng(0)
+    params = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in
+              [("embed", (8, 6)), ("blocks.0.wq", (6, 6)), ("blocks.0.wo", (6, 6))]}
+    grads = jax.tree.map(lambda p: p[::-1], params)
+    update = lambda o: o.update(grads, o.init(params), params, 0.01)[0]
+    got = update(opt)
+    for scale, heads, same in [(0.05, 3, True), (1.0, 3, False), (0.05, 1, False)]:
+        want = update(optim.muon(**betas, adam_scale=scale, heads=heads))
+        assert all(np.allclose(got[n], want[n], rtol=1e-6) for n in params) == same
+
+
 def test_optimizer_math_is_float32_for_bf16_params():
     """Optimizer state and updates are float32 and params keep their own dtype (bf16 here)."""
     params = {"w": jnp.ones((4, 4), jnp.bfloat16)}

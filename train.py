@@ -311,8 +311,9 @@ def main(argv=None):
     halflife = lambda beta: fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))
     print(f"optimizer  {args.opt}: peak lr {args.lr:g}"
           + (f" (adam-lr {args.adam_lr:g} for the embeddings)" if args.adam_lr else "")
-          + "".join(f", {name} {beta:.6g}" + (f" (half-life {halflife(beta)} tokens)" if beta
-                                              else "") for name, beta in betas.items())
+          + "".join(f", {'momentum' if args.opt == 'sgd' else name} {beta:.6g}" + (  # sgd: b1
+              f" (half-life {halflife(beta)} tokens)" if beta else "") for name, beta in
+                    betas.items())
           + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if args.adafactor_decay == "power"
              else "") + f", weight decay {args.weight_decay:g}")
     print(f"schedule   {args.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "

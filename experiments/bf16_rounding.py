@@ -87,7 +87,8 @@ def main(argv=None):
     p = train.Parser(prog="python -m experiments.bf16_rounding",
                      description=__doc__.split("\n\n")[0])
     p.add_argument("--opt", nargs="+", choices=list(train.OPTIMIZERS),
-                   default=["sgd", "adafactor", "adam"], help="optimizers (default: sgd adafactor adam)")
+                   default=["sgd", "adafactor", "adam"],
+                   help="optimizers (default: sgd adafactor adam)")
     p.add_argument("--tokens", type=train.count, help="tokens per run (default: one pass)")
     p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT),
                    help="any UTF-8 text file (default: the shipped Shakespeare)")
