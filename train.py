@@ -272,7 +272,8 @@ def main(argv=None):
     if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:  # a result
         print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
               f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
-        return print_sample(unflatten(ckpt, {"params": shapes})["params"], cfg, args)
+        return print_sample(restore(ckpt, shapes, jax.eval_shape(opt.init, shapes), out)[0],
+                            cfg, args)
     if args.batch % args.grad_accum:
         die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
             "the K micro-batches holds B/K whole sequences, so K must divide B.")
