@@ -489,10 +489,10 @@ def test_generate_reads_the_last_real_token():
     """At a near-zero temperature generate picks the argmax of forward on the unpadded context,
     also once the context is longer than the window (so padding and slicing are right)."""
     params = model.init_params(jax.random.key(0), SMALL)
-    prompt = [1, 2, 3]
-    got = model.generate(params, SMALL, prompt, 20, jax.random.key(5), temperature=1e-6)
+    prompt = list(range(1, 13))                # 12 of the window's 16 tokens: 8 new ones pass it
+    got = model.generate(params, SMALL, prompt, 8, jax.random.key(5), temperature=1e-6)
     ids, forward = list(prompt), jax.jit(model.forward, static_argnums=2)  # jit: 5x faster here
-    for _ in range(20):                        # the reference: no padding, no fixed window shape
+    for _ in range(8):                         # the reference: no padding, no fixed window shape
         context = jnp.array([ids[-SMALL.T:]])
         ids.append(int(jnp.argmax(forward(params, context, SMALL)[0, -1])))
     assert got == ids[len(prompt):] and all(0 <= i < SMALL.V for i in got)
@@ -1415,7 +1415,8 @@ def test_a_short_muon_run_learns(tmp_path, capsys):
     count its state by hand (m for the matrices, Adam's m and v for the embeddings, two steps),
     and the logged training loss falls by more than 2 nats in 6k tokens."""
     out = tmp_path / "run"
-    train.main(["--opt", "muon", *run_flags(tmp_path), "--out", str(out)])
+    train.main(["--opt", "muon", "--data", str(small_corpus(tmp_path)), "--tokens", "6k",
+                "--log-tokens", "1k", "--sample", "0", "--out", str(out)])
     printed = capsys.readouterr().out
     n_embed, n_blocks = 2 * 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
     assert (f"optimizer  muon: peak lr {train.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
