@@ -106,10 +106,12 @@ def common_flags():
     add("--adam-lr", type=float, help="muon only: the peak learning rate of its Adam for the "
         f"embeddings (default adam's, {OPTIMIZERS['adam']['lr']:g})")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
-    b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0)")
+    b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0, "
+                    "muon 0.95)")
     b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
-    b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor)")
-    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens (default 10M)")
+    b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor, muon)")
+    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
+                    "(default 10M, the paper's: β2 then follows the batch size)")
     add("--weight-decay", type=float, default=0.0,
         help="decoupled weight decay, adam only (%(default)s, as the paper at small batch)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
