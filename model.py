@@ -6,8 +6,8 @@
     loss = model.loss_fn(params, x, y, cfg)              # x, y: [B, T] token ids
 
 Decoder-only and pre-norm: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)), final RMSNorm.
-RMSNorm has no scale, there are no biases and the embeddings are untied, so every parameter
-is a 2-D matrix: optim.py treats all leaves alike (Adafactor factors those with both sides >= 128).
+RMSNorm has no scale, there are no biases and the embeddings are untied, so every parameter is
+a 2-D matrix (Adafactor factors those with both sides >= 128; Muon takes all but the embeddings).
 
 Notation, used in names and in the shape comments at line ends:
     B  batch size (sequences)        T  sequence length (tokens)

@@ -886,7 +886,8 @@ def sample_of(printed):
 
 def test_a_finished_run_samples_without_training(tmp_path, capsys):
     """--resume on a finished run samples and exits 0, from any working directory, changing no
-    file: the run's own seed repeats the sample it printed at the end, --seed draws another."""
+    file: the run's own seed repeats the sample it printed at the end, --seed draws another (but
+    may not change when the run is trained further)."""
     out = tmp_path / "run"
     flags = ["--data", str(small_corpus(tmp_path)), "--tokens", "512", "--out", str(out)]
     train.main(flags + ["--sample", "24", "--prompt", "ROMEO:"])
@@ -902,6 +903,9 @@ def test_a_finished_run_samples_without_training(tmp_path, capsys):
                              "--sample", "24", "--prompt", "ROMEO:"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and sample_of(result.stdout) == at_end
+    with pytest.raises(SystemExit) as exit_info:       # training it further keeps its seed
+        train.main(["--resume", "--out", str(out), "--tokens", "1k", "--seed", "7"])
+    assert exit_info.value.code == 2 and "--seed 7 differs" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 

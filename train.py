@@ -501,7 +501,8 @@ def open_run(args, given):
     if meta.get("version") != CKPT_VERSION:
         die(f"checkpoint {path} has format version {meta.get('version')}; this train.py reads "
             f"version {CKPT_VERSION}.")
-    may_change = MAY_CHANGE_ON_RESUME + ("seed",) * (meta["step"] >= meta["n_steps"])
+    sampling = meta["step"] >= meta["n_steps"] and "tokens" not in given   # a finished run
+    may_change = MAY_CHANGE_ON_RESUME + ("seed",) * sampling   # --seed then picks the sample
     flags = ", ".join(f"--{n.replace('_', '-')}" for n in may_change)
     for name, value in meta["args"].items():   # a typed flag must agree, unless it may change
         if name in ("out", "resume") or (name in given and name in may_change):
