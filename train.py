@@ -520,11 +520,12 @@ def refuse_to_overwrite(out, meta, args):
     if meta.get("step", 0) < meta.get("n_steps", 0):
         die(f"{out} holds an unfinished run (step {meta['step']:,} of {meta['n_steps']:,}); "
             "continue it with --resume, or pass another --out to start a new one.")
+    saved = meta.get("args", {})
     for name, value in vars(args).items():
-        if name not in SAMPLE_FLAGS and meta.get("args", {}).get(name) != value:
+        if name not in SAMPLE_FLAGS and saved.get(name) != value:
             die(f"{out} holds the results of a run with --{name.replace('_', '-')} "
-                f"{meta['args'].get(name)}, not {value}; pass another --out, or delete {out} "
-                "to replace them.")
+                f"{saved.get(name)}, not {value}; pass another --out, or delete {out} to replace "
+                "them.")
 
 
 def open_log(out, keep_to_step):
@@ -535,7 +536,10 @@ def open_log(out, keep_to_step):
         out.mkdir(parents=True, exist_ok=True)
         # events are in step order, so the kept ones are the lines before the first to drop
         for line in path.open("rb") if keep_to_step is not None and path.exists() else []:
-            if not line.endswith(b"\n") or json.loads(line)["step"] > keep_to_step:
+            try:
+                if not line.endswith(b"\n") or json.loads(line)["step"] > keep_to_step:
+                    break
+            except (ValueError, KeyError):   # not an event of ours: drop it and what follows
                 break
             keep += len(line)
         log_file = open(path, "a", buffering=1)
@@ -591,7 +595,7 @@ def unflatten(arrays, template):
 def restore(ckpt, shapes, state_shapes, out):
     """(params, opt_state, stats, key) of the run saved in ckpt, the arrays of out/ckpt.npz."""
     state = unflatten(ckpt, {"params": shapes, "opt_state": state_shapes})
-    if state is None:
+    if state is None or not {"loss_sum", "key"} <= set(ckpt):
         die(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of this model and "
             "optimizer.")
     stats = {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])}
