@@ -111,16 +111,19 @@ def _window_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def get_batch(train, step, batch, T, seed):
+def get_batch(train, step, batch, T, seed, steps=None):
     """Inputs and targets [batch, T] (int32) of a training step: windows step*batch ... in the
-    seeded shuffle, which is redrawn after each full pass over the windows."""
-    n = n_windows(train, T)
-    epoch, pos = np.divmod(step * batch + np.arange(batch), n)
-    window = np.empty(batch, np.int64)
+    seeded shuffle, which is redrawn after each full pass over the windows. With steps=K, those of
+    K consecutive steps at once, [K, batch, T]: one gather for a call of many steps."""
+    n, k = n_windows(train, T), steps or 1
+    epoch, pos = np.divmod(step * batch + np.arange(k * batch), n)
+    window = np.empty(k * batch, np.int64)
     for e in np.unique(epoch):                     # one pass, or two where a batch spans passes
         window[epoch == e] = _window_order(n, seed, int(e))[pos[epoch == e]]
-    chunk = train[window[:, None] * (T + 1) + np.arange(T + 1)].astype(np.int32)  # [B, T + 1]
-    return chunk[:, :-1], chunk[:, 1:]
+    chunk = train[window[:, None] * (T + 1) + np.arange(T + 1)].astype(np.int32)  # [kB, T + 1]
+    if steps is not None:
+        chunk = chunk.reshape(steps, batch, T + 1)
+    return chunk[..., :-1], chunk[..., 1:]
 
 
 def compact_vocab(train, val, V):
