@@ -30,6 +30,7 @@ class Config:
     L: int = 2
     H: int = 1
     T: int = 128
+    dtype: str = "float32"  # what the matrix multiplies take (--compute-dtype); see dense
 
     @property
     def K(self):
@@ -105,38 +106,37 @@ def rope(x):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def dense(x, w):
-    """x @ w with x cast to the weights' dtype and the result in float32. With bf16 weights only
-    the matrix multiplies see bf16 inputs (the tensor cores' path, as in picodo); activations,
-    norms, RoPE and the softmax stay float32, as in the official code, whose default float32
-    compute dtype also upcasts the weights. With float32 weights it is plain x @ w."""
-    return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+def dense(x, w, cfg):
+    """x @ w, both cast to cfg.dtype, the result float32. With bfloat16 only the matmuls see bf16
+    inputs (the tensor cores' path, as in picodo), whatever the weights' dtype; the activations,
+    norms, RoPE, softmax and loss stay float32, as in the official code. float32: plain x @ w."""
+    dtype = jnp.dtype(cfg.dtype)
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def attention(x, w, cfg):
     """Causal self-attention with QK-norm before RoPE, as in the paper."""
     B, T, _ = x.shape                                            # x: [B, T, D]
-    q, k, v = (dense(x, w[n]).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
+    q, k, v = (dense(x, w[n], cfg).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
     q, k = rope(rms_norm(q)), rope(rms_norm(k))                  # [B, T, H, K]
     s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(cfg.K)   # [B, H, T, T]
     s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)  # token t sees only s <= t
     a = jax.nn.softmax(s, axis=-1)
-    return dense(jnp.einsum("bhts,bshk->bthk", a, v).reshape(B, T, cfg.D), w["wo"])
+    return dense(jnp.einsum("bhts,bshk->bthk", a, v).reshape(B, T, cfg.D), w["wo"], cfg)
 
 
-def mlp(x, w):
-    return dense(jax.nn.gelu(dense(x, w["w_up"])), w["w_down"])  # [B, T, F] -> [B, T, D]
+def mlp(x, w, cfg):
+    return dense(jax.nn.gelu(dense(x, w["w_up"], cfg)), w["w_down"], cfg)   # via [B, T, F]
 
 
 def forward(params, x, cfg, at=None):
-    """Token ids [B, T] -> next-token logits [B, T, V], or [B, V] at position `at` only.
-    Activations are float32 whatever the weights' dtype (see dense)."""
+    """Token ids [B, T] -> float32 logits [B, T, V], or [B, V] at position `at` only (dense)."""
     h = params["embed"][x].astype(jnp.float32)                   # [B, T, D]
     for l in range(cfg.L):
         w = {name: params[f"blocks.{l}.{name}"] for name in BLOCK}
         h = h + attention(rms_norm(h), w, cfg)
-        h = h + mlp(rms_norm(h), w)
-    return dense(rms_norm(h if at is None else h[:, at]), params["unembed"])
+        h = h + mlp(rms_norm(h), w, cfg)
+    return dense(rms_norm(h if at is None else h[:, at]), params["unembed"], cfg)
 
 
 def loss_fn(params, x, y, cfg):

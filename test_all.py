@@ -786,24 +786,30 @@ def test_readme_model_table_matches_the_presets():
 # -- checkpoints, resume, divergence (runs that survive) ----------------------------------------
 
 def run_flags(tmp_path):
-    """A short run on the small corpus that logs, evaluates and checkpoints several times."""
+    """A short run on the small corpus that logs, evaluates and checkpoints several times, in
+    calls of 4 steps (a fixed length, not the timed default, so where a Ctrl-C stops is known)."""
     return ["--data", str(small_corpus(tmp_path)), "--tokens", "6k", "--log-tokens", "1k",
-            "--eval-tokens", "3k", "--ckpt-tokens", "2k", "--sample", "0"]
+            "--eval-tokens", "3k", "--ckpt-tokens", "2k", "--sample", "0",
+            "--steps-per-call", "4"]
+
+
+TIMING_FIELDS = ("tok_per_s", "flop_per_s", "mfu", "elapsed_s")   # no two runs share these
 
 
 def events(out):
     """The log's events without their timing fields (which no two runs share)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "elapsed_s")}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
             for line in (out / "log.jsonl").open()]
 
 
 def interrupt_at(step, monkeypatch):
-    """Make the run send itself Ctrl-C (SIGINT) while it fetches the batch of `step`."""
+    """Make the run send itself Ctrl-C (SIGINT) while it fetches the batches of the call that
+    holds `step` (the previous call is then still running: the run stops at its end)."""
     get_batch = data.get_batch
-    def get_batch_then_interrupt(tokens, i, *rest):
-        if i == step:
+    def get_batch_then_interrupt(tokens, i, *rest, steps=None):
+        if i <= step < i + (steps or 1):
             os.kill(os.getpid(), signal.SIGINT)
-        return get_batch(tokens, i, *rest)
+        return get_batch(tokens, i, *rest, steps=steps)
     monkeypatch.setattr(data, "get_batch", get_batch_then_interrupt)
 
 
@@ -854,7 +860,7 @@ def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys
     for flags, message in [
             (["--resume", "--opt", "adam"], "--opt adam differs from the checkpoint's sgd"),
             (["--resume", "--model", "30m"], "--model 30m differs from the checkpoint's tiny"),
-            (run_flags(tmp_path), "holds an unfinished run (step 3 of 46); continue it with "
+            (run_flags(tmp_path), "holds an unfinished run (step 4 of 46); continue it with "
                                   "--resume")]:
         with pytest.raises(SystemExit) as exit_info:
             train.main(["--out", str(out)] + flags)

@@ -54,16 +54,22 @@ ACCEPTS = dict(   # checked in this order
     t2=TOKENS, weight_decay=("a finite number >= 0", lambda v: 0 <= v < math.inf),
     warmup=("a fraction in [0, 1)", lambda v: 0 <= v < 1), tokens=TOKENS,
     seed=("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63), log_tokens=TOKENS,
-    eval_tokens=TOKENS, ckpt_tokens=TOKENS, temperature=FINITE,
+    eval_tokens=TOKENS, ckpt_tokens=TOKENS, steps_per_call=POSITIVE, temperature=FINITE,
     sample=("a number of tokens >= 0", lambda v: v >= 0),
     prompt=("a text of at least one character", lambda v: len(v) > 0))
-# The flags that shape only the sample: a rerun that changes them replaces no result.
-SAMPLE_FLAGS = ("sample", "prompt", "temperature")
+# The flags that change no result, only the sample or the speed: a rerun may change them.
+NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call")
 # The flags --resume lets change: the budget, where it logs, the data file's path (its tokens
-# must be the same), --grad-accum (the same gradient, split differently) and the sample's; on a
-# finished run also --seed, which then picks the sample. The rest must match.
+# must be the same), --grad-accum (the same gradient, split differently) and NO_RESULT_FLAGS; on
+# a finished run also --seed, which then picks the sample. The rest must match.
 MAY_CHANGE_ON_RESUME = ("tokens", "data", "grad_accum", "log_tokens", "eval_tokens",
-                        "ckpt_tokens") + SAMPLE_FLAGS
+                        "ckpt_tokens") + NO_RESULT_FLAGS
+
+# Dense bfloat16 peak FLOP/s of common accelerators, by a part of jax's device_kind, for the MFU
+# the log shows (against the bf16 peak even for float32 compute, the usual convention). On a
+# CPU, or a chip not listed, the log shows FLOP/s only. First match wins: "v5 lite" before "v5".
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6": 918e12}
 
 
 # -- flags --------------------------------------------------------------------------------------
@@ -118,6 +124,8 @@ def common_flags():
         "--t2/--b2 (the paper's; default), or the official code's β2_t = 1 − t^(−β2)")
     add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
         help="the parameters' dtype (%(default)s); optimizer state and math stay float32")
+    add("--compute-dtype", choices=["float32", "bfloat16"], help="the dtype the matrix "
+        "multiplies take (default the parameters'); activations, norms and the loss stay float32")
     add("--rounding", choices=["nearest", "stochastic"],
         help="how bfloat16 parameters are rounded (default stochastic, Fig. 9)")
     return p
@@ -141,6 +149,9 @@ def make_parser():
         "tokens, at the end and on Ctrl-C (%(default)s; raise it on a GPU)")
     add("--resume", action="store_true", help="continue the run in --out exactly from its "
         "checkpoint; on a finished run, sample from it")
+    add("--steps-per-call", type=int, help="training steps per jitted call, a lax.scan (default: "
+        "timed at start, a call of up to about a second; 1: a call per step), at most the steps "
+        "between two logs, evaluations or checkpoints")
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
@@ -157,6 +168,12 @@ def parse_args(parser, argv=None):
         if value is not None and not ok(value):
             die(f"--{name.replace('_', '-')} must be {accepted}, got {value}.")
     return args, given
+
+
+def model_config(args):
+    """--model's shape, its matrix multiplies in --compute-dtype (default: the parameters')."""
+    args.compute_dtype = args.compute_dtype or args.param_dtype
+    return dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype)
 
 
 def make_optimizer(args, tokens_per_step, heads=None):
@@ -250,6 +267,32 @@ def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=
     return train_step
 
 
+def make_multi_step(train_step):
+    """n steps in one call: (params, opt_state, stats, step, xs, ys, peak_lr) with xs, ys
+    [n, B, T], a lax.scan of the unchanged train_step over the n batches, the same arithmetic.
+    A call per step pays for itself: the dispatch, and on a CPU fresh pages for the big
+    temporaries (the [T, V] logits and their gradient) every time; one scan allocates them once."""
+    def multi_step(params, opt_state, stats, step, xs, ys, peak_lr):
+        def one_step(carry, xy):
+            params, opt_state, stats, step = carry
+            return (*train_step(params, opt_state, stats, step, *xy, peak_lr), step + 1), None
+        return jax.lax.scan(one_step, (params, opt_state, stats, step), (xs, ys))[0][:3]
+    return multi_step
+
+
+def default_steps_per_call(step_fn, arguments, sync_every, seconds=2.0):
+    """The largest power of two K that K one-step calls run in `seconds` (in one call of K they
+    run up to twice as fast: a call lasts about a second at most) and that is at most the steps
+    between two points where the loop must look. Times the compiled one-step call step_fn on
+    copies of the state it donates (params, opt_state, stats)."""
+    for _ in range(2):     # the first call warms up
+        copies = jax.block_until_ready(jax.tree.map(jnp.copy, arguments[:3]))
+        t0 = time.time()
+        jax.block_until_ready(step_fn(*copies, *arguments[3:]))
+    K = max(1, min(sync_every, int(seconds / (time.time() - t0))))
+    return 2 ** int(math.log2(K))
+
+
 def new_stats():
     return {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
 
@@ -266,7 +309,7 @@ def evaluate(params, x, y, cfg):
 def main(argv=None):
     args, given = parse_args(make_parser(), argv)
     out, ckpt, meta = open_run(args, given)   # meta: the checkpoint in --out, if there is one
-    cfg = model.PRESETS[args.model]
+    cfg = model_config(args)
     tokens_per_step = args.batch * cfg.T
     opt, betas = make_optimizer(args, tokens_per_step)
     shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
@@ -302,7 +345,7 @@ def main(argv=None):
     # -- derived settings, printed once ----------------------------------------------------
     print("command    python train.py " + " ".join(   # the run's flags, resolved: rerun to repeat
         f"--{flag.replace('_', '-')}" + ("" if value is True else f" {value}") for flag, value in
-        vars(args).items() if value not in (None, False) and flag not in SAMPLE_FLAGS))
+        vars(args).items() if value not in (None, False) and flag not in NO_RESULT_FLAGS))
     n_params = sum(x.size for x in shapes.values())    # counted from the dict: tied embeddings
     embeddings = {name: x.size for name, x in shapes.items() if name in ("embed", "unembed")}
     print(f"model      {args.model}: {cfg} -> {n_params:,} parameters "
@@ -330,7 +373,14 @@ def main(argv=None):
           + f"), optimizer state {model.nbytes(state_shapes):,} bytes (float32)"
           + (f", accumulation buffer {buffer:,} bytes (float32; {args.grad_accum} micro-batches "
              f"of {args.batch // args.grad_accum})" if args.grad_accum > 1 else ""))
-    print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); output in {out}/")
+    # JAX's default float32 matmul precision favours speed: true float32 on a CPU, TF32 on NVIDIA
+    # GPUs since Ampere, bf16 passes on a TPU; JAX_DEFAULT_MATMUL_PRECISION=highest forces float32
+    precision = jax.config.jax_default_matmul_precision or "default, " + {
+        "cpu": "exact", "gpu": "TF32 on Ampere or later", "tpu": "bf16 passes"}.get(
+            jax.default_backend(), "device-dependent")
+    print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); matmuls take "
+          + ("bfloat16" if args.compute_dtype == "bfloat16" else f"float32 (precision {precision})")
+          + f"; output in {out}/")
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
     if args.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
@@ -343,17 +393,30 @@ def main(argv=None):
         opt_state, stats = opt.init(params), new_stats()
     step_fn = make_train_step(cfg, opt, n_steps, args.warmup, args.grad_accum, args.rounding,
                               key=jax.random.fold_in(key, 2))    # the rounding's random bits
-    # batches are addressed by step number, so a resumed run sees the data it would have seen
-    batch = lambda step: data.get_batch(train_tokens, step, args.batch, cfg.T, args.seed)
+    # batches are addressed by step number, so a resumed run sees the data it would have seen;
+    # a call of n steps takes theirs as [n, B, T], gathered in one go and sent to the device once
+    batches = lambda step, n: jax.device_put(data.get_batch(train_tokens, step, args.batch, cfg.T,
+                                                            args.seed, steps=n))
     t0, peak_lr = time.time(), jnp.float32(args.lr)
-    # compiled ahead of time, once: fixed shapes and the step number as an array mean the step
-    # never recompiles; params, state and stats are donated, so they are updated in place
-    step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, stats, np.int32(0), *batch(0), peak_lr).compile()
-    print(f"compiled the train step in {time.time() - t0:.1f} s")
+    # compiled ahead of time, once per call length: fixed shapes and the step number as an array
+    # mean nothing recompiles; params, state and stats are donated, so updated in place
+    ids = lambda n: np.zeros((n, args.batch, cfg.T), np.int32)    # a call's batches' shape
+    compiled = lambda n: jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2)).lower(
+        params, opt_state, stats, np.int32(0), ids(n), ids(n), peak_lr).compile()
+    calls = {1: compiled(1)}
+    sync_every = min(args.log_tokens, args.eval_tokens, args.ckpt_tokens) // tokens_per_step
+    K = min(args.steps_per_call, max(1, sync_every)) if args.steps_per_call else \
+        default_steps_per_call(calls[1], (params, opt_state, stats, np.int32(0), ids(1), ids(1),
+                                          peak_lr), sync_every)
+    calls[K] = calls[1] if K == 1 else compiled(K)
+    print(f"compiled   the train step in {time.time() - t0:.1f} s; {K} steps per call ("
+          + ("--steps-per-call" if args.steps_per_call else "timed; --steps-per-call sets it")
+          + "), and 1 to end a call where the loop must look")
     val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
     evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
     log = lambda **event: log_file.write(json.dumps(event) + "\n")   # line-buffered: one write
+    flops = flops_per_token(cfg)
+    peak = next((f for kind, f in PEAK_FLOPS.items() if kind in jax.devices()[0].device_kind), None)
 
     def run_eval(step):
         val_loss = float(evaluate_fn(params, val_x, val_y, cfg=cfg))   # a host sync
@@ -381,25 +444,36 @@ def main(argv=None):
         return done
 
     # -- the loop --------------------------------------------------------------------------
-    # Ctrl-C lets the current step finish, then the loop stops and a checkpoint is written;
-    # a second Ctrl-C aborts at once (the last checkpoint stays whole: it is written atomically).
+    # The steps run in calls of K steps (1 for the last few before a point where the loop must
+    # look: a log, an evaluation, a checkpoint, the end). Ctrl-C lets the current call finish,
+    # then the loop stops and a checkpoint is written; a second Ctrl-C aborts at once (the last
+    # checkpoint stays whole: it is written atomically).
     interrupted, previous_handler = [], signal.getsignal(signal.SIGINT)
     def on_sigint(*_):
         interrupted.append(True)
         signal.signal(signal.SIGINT, previous_handler)
     signal.signal(signal.SIGINT, on_sigint)
     saved_step = done = start if args.resume else checkpoint(0)   # a checkpoint from step 0 on
-    # true on the step whose tokens pass a multiple of `every`, whatever the tokens per step
-    crossed = lambda tokens, every: tokens // every > (tokens - tokens_per_step) // every
+    # the first step count after `done` whose tokens reach a multiple of `every`
+    next_at = lambda done, every: -(-(done * tokens_per_step // every + 1) * every
+                                    // tokens_per_step)
+    # a call's length: K, unless it would run past the next point where the loop must look
+    length = lambda done: K if done + K <= min(n_steps, *(next_at(done, every) for every in (
+        args.log_tokens, args.eval_tokens, args.ckpt_tokens))) else 1
+    n = length(done)
+    xs = batches(done, n)
     try:
-        for step in range(start, n_steps):
-            params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
-                                               *batch(step), peak_lr)
-            done, tokens = step + 1, (step + 1) * tokens_per_step
-            last, stop = done == n_steps, bool(interrupted)   # a later Ctrl-C: next step
-            log_now = crossed(tokens, args.log_tokens) or last
-            eval_now = crossed(tokens, args.eval_tokens) or last
-            save_now = crossed(tokens, args.ckpt_tokens) or last or stop
+        while done < n_steps:
+            params, opt_state, stats = calls[n](params, opt_state, stats, np.int32(done), *xs,
+                                                peak_lr)
+            done, n = done + n, length(done + n)
+            if done < n_steps:            # the next call's batches, while the device runs
+                xs = batches(done, n)
+            jax.block_until_ready(stats)  # one call in flight at most: Ctrl-C stops in a call
+            tokens, last, stop = done * tokens_per_step, done == n_steps, bool(interrupted)
+            log_now, eval_now, save_now = (next_at(done - 1, every) == done or last for every in
+                                           (args.log_tokens, args.eval_tokens, args.ckpt_tokens))
+            save_now = save_now or stop
             # nothing bad is logged or saved: a host sync, so only at these points
             if (log_now or eval_now or save_now) and (bad := diverged(stats, params, done)):
                 lr_bad = float(optim.lr_at(bad - 1, n_steps, args.lr, args.warmup))
@@ -411,11 +485,15 @@ def main(argv=None):
             if log_now:
                 train_loss = float(stats["loss_sum"]) / (done - window_start)  # a host sync
                 tok_per_s = (done - window_start) * tokens_per_step / (time.time() - t_window)
-                lr_now = float(optim.lr_at(step, n_steps, args.lr, args.warmup))
+                lr_now = float(optim.lr_at(done - 1, n_steps, args.lr, args.warmup))
+                mfu = {"mfu": tok_per_s * flops / peak} if peak else {}
                 log(step=done, tokens=tokens, train_loss=train_loss, lr=lr_now,
-                    tok_per_s=tok_per_s, elapsed_s=time.time() - t_start)
+                    tok_per_s=tok_per_s, flop_per_s=tok_per_s * flops, **mfu,
+                    elapsed_s=time.time() - t_start)
                 print(f"step {done:>6,}/{n_steps:,} | tokens {fmt_tokens(tokens):>6} | "
                       f"loss {train_loss:.4f} | lr {lr_now:.2e} | {tok_per_s:,.0f} tok/s | "
+                      f"{tok_per_s * flops / 1e9:,.1f} GFLOP/s"
+                      + (f" ({mfu['mfu']:.1%} MFU)" if peak else "") + " | "
                       f"eta {(n_steps - done) * tokens_per_step / tok_per_s / 60:.1f} min")
                 stats["loss_sum"], window_start, t_window = jnp.float32(0), done, time.time()
             if eval_now or save_now:    # evaluation and checkpoints are not training time
@@ -455,6 +533,15 @@ def print_sample(params, cfg, args):
                              jax.random.fold_in(jax.random.key(args.seed), 1), args.temperature)
         print(f"--- sample ({args.sample} tokens, temperature {args.temperature:g}, seed "
               f"{args.seed}) ---\n{args.prompt}{data.decode(ids)}")
+
+
+def flops_per_token(cfg):
+    """The model FLOPs of training on one token (PaLM's count, Appendix B): 6 N + 12 L T D, where
+    N = L (4 D² + 2 D F) + D V counts the block matrices and the output layer (the input
+    embedding is a lookup, no FLOPs), 6 = 2 forward + 4 backward per weight, and 12 L T D is the
+    attention's scores and weighted sum (2 T D each forward, at every position, times 3)."""
+    N = cfg.L * (4 * cfg.D ** 2 + 2 * cfg.D * cfg.F) + cfg.D * cfg.V
+    return 6 * N + 12 * cfg.L * cfg.T * cfg.D
 
 
 def fmt_tokens(n):
@@ -522,7 +609,7 @@ def refuse_to_overwrite(out, meta, args):
             "continue it with --resume, or pass another --out to start a new one.")
     saved = meta.get("args", {})
     for name, value in vars(args).items():
-        if name not in SAMPLE_FLAGS and saved.get(name) != value:
+        if name not in NO_RESULT_FLAGS and saved.get(name) != value:
             die(f"{out} holds the results of a run with --{name.replace('_', '-')} "
                 f"{saved.get(name)}, not {value}; pass another --out, or delete {out} to replace "
                 "them.")
