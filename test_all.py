@@ -5,6 +5,7 @@
 In sections by what they test: optimizers, bf16, half-lives and the schedule, the model, the
 tokenizer and data, training, checkpoints, then each program in experiments/.
 """
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -471,18 +472,44 @@ def bf16_ops(jaxpr):
 
 
 def test_bf16_weights_keep_float32_activations():
-    """With bf16 weights the forward computes in bf16 only the embedding lookup and the casts that
-    feed the matrix multiplies (norms, RoPE, softmax stay float32, as in the official code), and
-    its logits stay within 0.5 % (RMS) of the float32 forward of the same bf16-valued weights."""
+    """With bf16 weights (and train.py's default compute dtype, theirs) the forward computes in
+    bf16 only the embedding lookup and the casts that feed the matrix multiplies (norms, RoPE,
+    softmax stay float32, as in the official code), and its logits stay within 0.5 % (RMS) of
+    the float32 forward of the same bf16-valued weights."""
     params = model.init_params(jax.random.key(0), SMALL)
-    bf16 = {k: v.astype(jnp.bfloat16) for k, v in params.items()}
+    bf16, cfg = {k: v.astype(jnp.bfloat16) for k, v in params.items()}, bf16_compute(SMALL)
     x = jax.random.randint(jax.random.key(1), (2, SMALL.T), 0, SMALL.V)
-    jaxpr = jax.make_jaxpr(lambda p: model.forward(p, x, SMALL))(bf16).jaxpr
+    jaxpr = jax.make_jaxpr(lambda p: model.forward(p, x, cfg))(bf16).jaxpr
     assert set(bf16_ops(jaxpr)) == {"gather", "convert_element_type"}
-    got = model.forward(bf16, x, SMALL)
+    got = model.forward(bf16, x, cfg)
     want = model.forward({k: v.astype(jnp.float32) for k, v in bf16.items()}, x, SMALL)
     assert got.dtype == jnp.float32
     assert float(jnp.sqrt(jnp.mean((got - want) ** 2) / jnp.mean(want ** 2))) < 0.005
+
+
+def bf16_compute(cfg):
+    return dataclasses.replace(cfg, dtype="bfloat16")
+
+
+def test_bf16_compute_feeds_only_the_matmuls_bf16():
+    """--compute-dtype bfloat16 over float32 weights: every matrix multiply of the weights takes
+    bf16 inputs (the casts are the only bf16 values made), the logits and the gradient stay
+    float32, and the logits are within 1 % (RMS) of the float32 forward."""
+    params = model.init_params(jax.random.key(0), SMALL)
+    x = jax.random.randint(jax.random.key(1), (2, SMALL.T), 0, SMALL.V)
+    jaxpr = jax.make_jaxpr(lambda p: model.forward(p, x, bf16_compute(SMALL)))(params).jaxpr
+    assert set(bf16_ops(jaxpr)) == {"convert_element_type"}
+    operands = [tuple(str(v.aval.dtype) for v in e.invars) for e in jaxpr.eqns
+                if e.primitive.name == "dot_general"]
+    n_weight = len(model.BLOCK) * SMALL.L + 1      # the blocks' matrices and the output layer
+    assert operands.count(("bfloat16", "bfloat16")) == n_weight
+    assert operands.count(("float32", "float32")) == 2 * SMALL.L   # attention's two einsums
+    assert len(operands) == n_weight + 2 * SMALL.L
+    got, want = model.forward(params, x, bf16_compute(SMALL)), model.forward(params, x, SMALL)
+    assert got.dtype == jnp.float32
+    assert float(jnp.sqrt(jnp.mean((got - want) ** 2) / jnp.mean(want ** 2))) < 0.01
+    grads = jax.grad(model.loss_fn)(params, x, x, bf16_compute(SMALL))
+    assert all(g.dtype == jnp.float32 and bool(jnp.isfinite(g).all()) for g in grads.values())
 
 
 def test_generate_reads_the_last_real_token():
@@ -626,16 +653,22 @@ def small_corpus(tmp_path, chars=150_000):
     return path
 
 
-def test_main_end_to_end_writes_a_falling_log(tmp_path, capsys):
-    """A short run through main writes log.jsonl with finite, falling train and validation losses,
-    the parameters and the config; the final validation loss is the last evaluation event."""
+def test_main_end_to_end_writes_a_falling_log(tmp_path, capsys, monkeypatch):
+    """A short run through main (K steps per call, timed) writes log.jsonl with finite, falling
+    train and validation losses, the model FLOP/s (tiny's 20,871,552 a token, by hand) and the
+    MFU against a listed peak, the parameters and the config; the final validation loss is the
+    last evaluation event."""
     out = tmp_path / "run"
+    monkeypatch.setattr(train, "PEAK_FLOPS", {"cpu": 1e12})     # as if this CPU were listed
     train.main(["--opt", "adam", "--data", str(small_corpus(tmp_path)), "--tokens", "12k",
                 "--log-tokens", "3k", "--eval-tokens", "6k", "--sample", "8", "--out", str(out)])
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     trains = [e for e in events if "train_loss" in e]
     evals = [e for e in events if "val_loss" in e]
     assert all(set(e) >= {"step", "tokens", "train_loss", "lr", "tok_per_s"} for e in trains)
+    for e in trains:
+        assert e["flop_per_s"] == pytest.approx(e["tok_per_s"] * 20_871_552)
+        assert e["mfu"] == pytest.approx(e["flop_per_s"] / 1e12)
     assert all(math.isfinite(e["train_loss"]) for e in trains) and len(trains) == 4
     assert trains[-1]["train_loss"] < trains[0]["train_loss"] - 0.5
     assert evals[0]["step"] == 0 and evals[-1]["step"] == trains[-1]["step"] == 93
@@ -647,6 +680,59 @@ def test_main_end_to_end_writes_a_falling_log(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "b2 0.999991 (half-life 10M tokens)" in printed    # 0.5 ** (128 / 10M), by hand
     assert "--- sample" in printed
+
+
+@pytest.mark.parametrize("opt_flags", [["--opt", "sgd"], ["--batch", "2", "--grad-accum", "2"],
+                                       ["--opt", "adam", "--param-dtype", "bfloat16"]])
+def test_calls_of_many_steps_equal_calls_of_one(opt_flags):
+    """Eight steps as eight calls of one step, or as calls of 4, 2, 1 and 1 (a lax.scan of the
+    same step) give the same parameters, optimizer state and loss sum bit for bit: for vanilla
+    SGD, with gradient accumulation, and for Adam on bf16 weights with stochastic rounding."""
+    args, _ = train.parse_args(train.make_parser(), opt_flags)
+    opt, _ = train.make_optimizer(args, args.batch * SMALL.T, heads=SMALL.H)
+    tokens = np.random.default_rng(0).integers(0, SMALL.V, 5_000).astype(np.uint16)
+    step_fn = train.make_multi_step(train.make_train_step(
+        SMALL, opt, n_steps=8, warmup=0.25, grad_accum=args.grad_accum, rounding=args.rounding,
+        key=jax.random.key(7)))
+    call = jax.jit(step_fn, donate_argnums=(0, 1, 2))
+
+    def train_in_calls(lengths):
+        params = model.cast(model.init_params(jax.random.key(0), SMALL), args.param_dtype)
+        state, stats, step = (opt.init(params), train.new_stats(), 0)
+        for n in lengths:
+            xs = data.get_batch(tokens, step, args.batch, SMALL.T, seed=0, steps=n)
+            params, state, stats = call(params, state, stats, np.int32(step), *xs,
+                                        jnp.float32(args.lr))
+            step += n
+        return train.flatten({"params": params, "state": state, "stats": stats})
+    ones, mixed = train_in_calls([1] * 8), train_in_calls([4, 2, 1, 1])
+    assert ones.keys() == mixed.keys()
+    assert all(np.asarray(ones[k]).tobytes() == np.asarray(mixed[k]).tobytes() for k in ones)
+
+
+def test_default_steps_per_call_is_a_timed_power_of_two():
+    """The default K is the largest power of two whose K one-step calls take at most 2 s, and at
+    most the steps between two points where the loop looks: a 0.1 s step gives 16 (20 fit), or
+    8 when the loop looks every 10 steps; it runs the step on copies, never on the state."""
+    state = (jnp.ones(3), jnp.ones(2), {"loss_sum": jnp.float32(0)})
+    def slow_step(params, opt_state, stats, *rest):
+        time.sleep(0.1)
+        return params.at[0].set(-1.0), opt_state, stats
+    assert train.default_steps_per_call(slow_step, (*state, 0), sync_every=1_000) == 16
+    assert train.default_steps_per_call(slow_step, (*state, 0), sync_every=10) == 8
+    assert train.default_steps_per_call(lambda *a: time.sleep(3) or a[:3], (*state, 0), 99) == 1
+    assert float(state[0][0]) == 1.0
+
+
+def test_model_flops_per_token_by_hand():
+    """flops_per_token is 6 x (the parameters a token multiplies: all but the input embedding)
+    plus 12 L T D for attention, counted from init_params' own matrices; for tiny, by hand:
+    6 x (4 x (4 x 64² + 2 x 64 x 256) + 64 x 50,257) + 12 x 4 x 128 x 64 = 20,871,552."""
+    assert train.flops_per_token(model.PRESETS["tiny"]) == 20_871_552
+    for cfg in (SMALL, model.PRESETS["30m"]):
+        shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+        multiplied = sum(s.size for name, s in shapes.items() if name != "embed")
+        assert train.flops_per_token(cfg) == 6 * multiplied + 12 * cfg.L * cfg.T * cfg.D
 
 
 def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
@@ -1306,15 +1392,19 @@ def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_perce
 
 
 def test_find_batch_runs_on_this_device(monkeypatch, capsys):
-    """find_batch times the real step at B = 1, 2, 4, ..., prints tokens/s per B and recommends
-    one of the batch sizes it timed."""
+    """find_batch times train.py's calls of K steps at B = 1, 2, 4, ..., prints tokens/s per B,
+    B = 1's share of the best, and recommends one of the batch sizes it timed."""
     monkeypatch.setitem(model.PRESETS, "tiny", SMALL)
     monkeypatch.setattr(find_batch, "throughput_stopped_rising", lambda tok_s: len(tok_s) == 3)
     pick = find_batch.main(["--opt", "adafactor"])
     printed = capsys.readouterr().out
-    rows = re.findall(r"^ +(\d+) +(\d+) +[\d.]+ +([\d,]+)  ", printed, re.M)
-    assert [int(b) for b, _, _ in rows] == [1, 2, 4]
-    assert [int(t) for _, t, _ in rows] == [16, 32, 64]              # B x T tokens per step
+    rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +[\d.]+ +([\d,]+) +[\d,.]+  ", printed, re.M)
+    assert [int(b) for b, _, _, _ in rows] == [1, 2, 4]
+    assert [int(t) for _, t, _, _ in rows] == [16, 32, 64]              # B x T tokens per step
+    assert all(int(K) & (int(K) - 1) == 0 for _, _, K, _ in rows)      # K: a power of two
+    best = max(int(s.replace(",", "")) for _, _, _, s in rows)
+    shares = re.search(r"share of the best throughput: B = 1 (\d+)%", printed).group(1)
+    assert abs(int(shares) - 100 * int(rows[0][3].replace(",", "")) / best) <= 0.5 + 1e-9
     assert f"recommended: --batch {pick}," in printed and pick in (1, 2, 4)
 
 

@@ -280,6 +280,22 @@ def make_multi_step(train_step):
     return multi_step
 
 
+def compile_calls(step_fn, arguments, batch_shape, sync_every, K=None):
+    """({1: the call of one step, K: the call of K steps}, K) of make_multi_step(step_fn), for
+    arguments (params, opt_state, stats, step, peak_lr) and batches [B, T] of batch_shape.
+    Compiled ahead of time, once per length: fixed shapes and the step number as an array mean
+    nothing recompiles; params, state and stats are donated, so they are updated in place.
+    K: the given one, at most sync_every, or else default_steps_per_call's."""
+    ids = lambda n: np.zeros((n, *batch_shape), np.int32)     # a call's batches: their shape
+    state, peak_lr = arguments[:4], arguments[4]
+    compiled = lambda n: jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2)).lower(
+        *state, ids(n), ids(n), peak_lr).compile()
+    calls = {1: compiled(1)}
+    K = min(K, max(1, sync_every)) if K else default_steps_per_call(
+        calls[1], (*state, ids(1), ids(1), peak_lr), sync_every)
+    return {**calls, K: calls[1] if K == 1 else compiled(K)}, K
+
+
 def default_steps_per_call(step_fn, arguments, sync_every, seconds=2.0):
     """The largest power of two K that K one-step calls run in `seconds` (in one call of K they
     run up to twice as fast: a call lasts about a second at most) and that is at most the steps
@@ -398,17 +414,9 @@ def main(argv=None):
     batches = lambda step, n: jax.device_put(data.get_batch(train_tokens, step, args.batch, cfg.T,
                                                             args.seed, steps=n))
     t0, peak_lr = time.time(), jnp.float32(args.lr)
-    # compiled ahead of time, once per call length: fixed shapes and the step number as an array
-    # mean nothing recompiles; params, state and stats are donated, so updated in place
-    ids = lambda n: np.zeros((n, args.batch, cfg.T), np.int32)    # a call's batches' shape
-    compiled = lambda n: jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, stats, np.int32(0), ids(n), ids(n), peak_lr).compile()
-    calls = {1: compiled(1)}
     sync_every = min(args.log_tokens, args.eval_tokens, args.ckpt_tokens) // tokens_per_step
-    K = min(args.steps_per_call, max(1, sync_every)) if args.steps_per_call else \
-        default_steps_per_call(calls[1], (params, opt_state, stats, np.int32(0), ids(1), ids(1),
-                                          peak_lr), sync_every)
-    calls[K] = calls[1] if K == 1 else compiled(K)
+    calls, K = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
+                             (args.batch, cfg.T), sync_every, args.steps_per_call)
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {K} steps per call ("
           + ("--steps-per-call" if args.steps_per_call else "timed; --steps-per-call sets it")
           + "), and 1 to end a call where the loop must look")

@@ -9,6 +9,7 @@ accumulated from micro-batches of 1 are compared. Writes <out>/study.md, study.j
 matplotlib) study.png; Ctrl-C keeps the finished runs. Design and results: experiments/README.md.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,30 +47,39 @@ SINGLE = " (single run)"      # the accumulation comparison's runs: timed alone,
 def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, grad_accum=1):
     """Train one run per peak learning rate in lrs, in lockstep on the same batches from the same
     initialization (jax.vmap over the rates): (final validation losses, seconds, step memory).
-    The step is train.py's, so a lane is exactly `python train.py` at that --lr, unlogged.
-    Seconds: the wall time of the compiled steps (no compilation, no evaluation). Step memory:
-    XLA's estimate of the compiled step's temporaries (activations and the like)."""
+    The step is train.py's, in train.py's calls of K steps, so a lane is exactly `python
+    train.py` at that --lr, unlogged. Seconds: the wall time of the compiled calls (no
+    compilation, no evaluation). Step memory: XLA's estimate of one step's temporaries."""
     key = jax.random.key(seed)
     lanes = lambda tree: jax.tree.map(lambda a: jnp.repeat(a[None], len(lrs), axis=0), tree)
     params = model.init_params(jax.random.fold_in(key, 0), cfg)     # train.py's initialization
     params, opt_state, stats = lanes(params), lanes(opt.init(params)), lanes(train.new_stats())
-    batch_at = lambda step: data.get_batch(train_tokens, step, batch, cfg.T, seed)
-    step_fn = train.make_train_step(cfg, opt, n_steps, warmup=0.05, grad_accum=grad_accum)
-    step_fn = jax.vmap(step_fn, in_axes=(0, 0, 0, None, None, None, 0))  # one step, one batch
     lrs = jnp.asarray(lrs, jnp.float32)
-    step_fn = jax.jit(step_fn, donate_argnums=(0, 1, 2)).lower(
-        params, opt_state, stats, np.int32(0), *batch_at(0), lrs).compile()
-    step_bytes = step_fn.memory_analysis().temp_size_in_bytes
-    t0 = time.time()
-    for step in range(n_steps):
-        params, opt_state, stats = step_fn(params, opt_state, stats, np.int32(step),
-                                           *batch_at(step), lrs)
+    program = (cfg, opt, len(lrs), batch, n_steps, grad_accum)   # opt: study_optimizer's, cached
+    if program not in COMPILED:      # once per program: the grid's moves reuse it
+        step_fn = train.make_train_step(cfg, opt, n_steps, warmup=0.05, grad_accum=grad_accum)
+        COMPILED[program] = train.compile_calls(   # lanes: one step, one batch, their own rates
+            jax.vmap(step_fn, in_axes=(0, 0, 0, None, None, None, 0)),
+            (params, opt_state, stats, np.int32(0), lrs), (batch, cfg.T), n_steps)
+    calls, K = COMPILED[program]
+    step_bytes = calls[1].memory_analysis().temp_size_in_bytes
+    t0, step = time.time(), 0
+    while step < n_steps:       # calls of K steps, then single steps to end at n_steps
+        n = K if step + K <= n_steps else 1
+        params, opt_state, stats = calls[n](params, opt_state, stats, np.int32(step),
+                                            *data.get_batch(train_tokens, step, batch, cfg.T,
+                                                            seed, steps=n), lrs)
+        step += n
     jax.block_until_ready(params)
     seconds = time.time() - t0
     val_xy = [jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T)]
-    losses = jax.jit(jax.vmap(train.evaluate, in_axes=(0, None, None, None)), static_argnums=3)(
-        params, *val_xy, cfg)
-    return [float(l) for l in losses], seconds, step_bytes
+    return [float(l) for l in evaluate_lanes(params, *val_xy, cfg)], seconds, step_bytes
+
+
+# every lane's validation loss, compiled once per number of lanes (not once per run)
+evaluate_lanes = jax.jit(jax.vmap(train.evaluate, in_axes=(0, None, None, None)),
+                         static_argnums=3)
+COMPILED = {}    # train_lanes' calls of K steps, by program
 
 
 def study_cell(run, grid):
@@ -96,6 +106,7 @@ def fmt_loss(loss):
     return "diverged" if loss is None else f"{loss:.3f}"
 
 
+@functools.cache    # the same optimizer object each time: train_lanes' compiled calls are reused
 def study_optimizer(setting, batch, cfg, t2):
     """(optimizer, β2) of one study row at one batch size: train.py's at its default flags but for
     β2 (adam's β1 0.9, sgd no momentum; muon's embeddings at adam-lr / lr of the lane's rate)."""
