@@ -12,6 +12,7 @@ config.json. Exit status: 0 done, 2 a mistake in the flags or files, 3 diverged,
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -281,19 +282,18 @@ def make_multi_step(train_step):
 
 
 def compile_calls(step_fn, arguments, batch_shape, sync_every, K=None):
-    """({1: the call of one step, K: the call of K steps}, K) of make_multi_step(step_fn), for
+    """(call, K): call(n) is make_multi_step(step_fn) compiled for calls of n steps, for
     arguments (params, opt_state, stats, step, peak_lr) and batches [B, T] of batch_shape.
-    Compiled ahead of time, once per length: fixed shapes and the step number as an array mean
-    nothing recompiles; params, state and stats are donated, so they are updated in place.
-    K: the given one, at most sync_every, or else default_steps_per_call's."""
+    Compiled ahead of time, once per length, when first asked for: fixed shapes and the step
+    number as an array mean nothing recompiles; params, state and stats are donated, so they
+    are updated in place. K: the given one, at most sync_every, or default_steps_per_call's."""
     ids = lambda n: np.zeros((n, *batch_shape), np.int32)     # a call's batches: their shape
-    state, peak_lr = arguments[:4], arguments[4]
-    compiled = lambda n: jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2)).lower(
-        *state, ids(n), ids(n), peak_lr).compile()
-    calls = {1: compiled(1)}
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), arguments)
+    call = functools.cache(lambda n: jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2))
+                           .lower(*shapes[:4], ids(n), ids(n), shapes[4]).compile())
     K = min(K, max(1, sync_every)) if K else default_steps_per_call(
-        calls[1], (*state, ids(1), ids(1), peak_lr), sync_every)
-    return {**calls, K: calls[1] if K == 1 else compiled(K)}, K
+        call(1), (*arguments[:4], ids(1), ids(1), arguments[4]), sync_every)
+    return call, K
 
 
 def default_steps_per_call(step_fn, arguments, sync_every, seconds=2.0):
@@ -415,8 +415,9 @@ def main(argv=None):
                                                             args.seed, steps=n))
     t0, peak_lr = time.time(), jnp.float32(args.lr)
     sync_every = min(args.log_tokens, args.eval_tokens, args.ckpt_tokens) // tokens_per_step
-    calls, K = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
-                             (args.batch, cfg.T), sync_every, args.steps_per_call)
+    call, K = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
+                            (args.batch, cfg.T), sync_every, args.steps_per_call)
+    call(1), call(K)    # both lengths now, so that no compilation falls inside the loop
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {K} steps per call ("
           + ("--steps-per-call" if args.steps_per_call else "timed; --steps-per-call sets it")
           + "), and 1 to end a call where the loop must look")
@@ -472,8 +473,8 @@ def main(argv=None):
     xs = batches(done, n)
     try:
         while done < n_steps:
-            params, opt_state, stats = calls[n](params, opt_state, stats, np.int32(done), *xs,
-                                                peak_lr)
+            params, opt_state, stats = call(n)(params, opt_state, stats, np.int32(done), *xs,
+                                               peak_lr)
             done, n = done + n, length(done + n)
             if done < n_steps:            # the next call's batches, while the device runs
                 xs = batches(done, n)

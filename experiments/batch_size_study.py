@@ -60,16 +60,14 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, g
         step_fn = train.make_train_step(cfg, opt, n_steps, warmup=0.05, grad_accum=grad_accum)
         COMPILED[program] = train.compile_calls(   # lanes: one step, one batch, their own rates
             jax.vmap(step_fn, in_axes=(0, 0, 0, None, None, None, 0)),
-            (params, opt_state, stats, np.int32(0), lrs), (batch, cfg.T), n_steps)
-    calls, K = COMPILED[program]
-    step_bytes = calls[1].memory_analysis().temp_size_in_bytes
-    t0, step = time.time(), 0
-    while step < n_steps:       # calls of K steps, then single steps to end at n_steps
-        n = K if step + K <= n_steps else 1
-        params, opt_state, stats = calls[n](params, opt_state, stats, np.int32(step),
-                                            *data.get_batch(train_tokens, step, batch, cfg.T,
-                                                            seed, steps=n), lrs)
-        step += n
+            (params, opt_state, stats, np.int32(0), lrs), (batch, cfg.T), n_steps,
+            K=math.gcd(n_steps, 256))     # the study's K divides its steps: 256 to 4
+    call, K = COMPILED[program]
+    step_bytes = call(K).memory_analysis().temp_size_in_bytes   # scratch is reused per step
+    t0 = time.time()
+    for step in range(0, n_steps, K):
+        xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=K)
+        params, opt_state, stats = call(K)(params, opt_state, stats, np.int32(step), *xs, lrs)
     jax.block_until_ready(params)
     seconds = time.time() - t0
     val_xy = [jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T)]

@@ -65,9 +65,9 @@ def main(argv=None):
         step_fn = train.make_train_step(cfg, opt, n_steps=1_000, warmup=0.05,
                                         rounding=args.rounding, key=jax.random.fold_in(key, 2))
         try:                       # train.py's calls of K steps, K timed as train.py times it
-            calls, K = train.compile_calls(step_fn, (params, state, stats, np.int32(0), lr),
-                                           (batch, cfg.T), 1_024, args.steps_per_call)
-            call = calls[K]
+            call, K = train.compile_calls(step_fn, (params, state, stats, np.int32(0), lr),
+                                          (batch, cfg.T), 1_024, args.steps_per_call)
+            call = call(K)
             xs = data.get_batch(train_tokens, 0, batch, cfg.T, args.seed, steps=K)
             params, state, stats = jax.block_until_ready(call(params, state, stats,
                                                               np.int32(0), *xs, lr))
