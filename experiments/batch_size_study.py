@@ -47,12 +47,11 @@ SINGLE = " (single run)"      # the accumulation comparison's runs: timed alone,
 def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, grad_accum=1):
     """Train one run per peak learning rate in lrs, in lockstep on the same batches from the same
     initialization (jax.vmap over the rates): (final validation losses, seconds, step memory).
-    The step is train.py's, in train.py's calls of K steps, so a lane is exactly `python
-    train.py` at that --lr, unlogged. Seconds: the wall time of the compiled calls (no
-    compilation, no evaluation). Step memory: XLA's estimate of one step's temporaries."""
-    key = jax.random.key(seed)
+    The step and its calls of K steps are train.py's, so a lane is exactly `python train.py` at
+    that --lr, unlogged. Seconds: the compiled calls' wall time (no compilation, no evaluation).
+    Step memory: XLA's estimate of a call's temporaries (activations and the like)."""
     lanes = lambda tree: jax.tree.map(lambda a: jnp.repeat(a[None], len(lrs), axis=0), tree)
-    params = model.init_params(jax.random.fold_in(key, 0), cfg)     # train.py's initialization
+    params = model.init_params(jax.random.fold_in(jax.random.key(seed), 0), cfg)   # train.py's
     params, opt_state, stats = lanes(params), lanes(opt.init(params)), lanes(train.new_stats())
     lrs = jnp.asarray(lrs, jnp.float32)
     program = (cfg, opt, len(lrs), batch, n_steps, grad_accum)   # opt: study_optimizer's, cached
@@ -69,15 +68,12 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, g
         xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=K)
         params, opt_state, stats = call(K)(params, opt_state, stats, np.int32(step), *xs, lrs)
     jax.block_until_ready(params)
-    seconds = time.time() - t0
-    val_xy = [jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T)]
+    seconds, val_xy = time.time() - t0, map(jnp.asarray, data.val_batches(val_tokens, cfg.T))
     return [float(l) for l in evaluate_lanes(params, *val_xy, cfg)], seconds, step_bytes
 
 
-# every lane's validation loss, compiled once per number of lanes (not once per run)
-evaluate_lanes = jax.jit(jax.vmap(train.evaluate, in_axes=(0, None, None, None)),
-                         static_argnums=3)
-COMPILED = {}    # train_lanes' calls of K steps, by program
+COMPILED = {}   # train_lanes' calls of K steps by program; its evaluation compiles once per lanes
+evaluate_lanes = jax.jit(jax.vmap(train.evaluate, in_axes=(0, None, None, None)), static_argnums=3)
 
 
 def study_cell(run, grid):
@@ -86,7 +82,7 @@ def study_cell(run, grid):
     run(lrs) -> losses. Returns (grid, {lr: loss} of every rate tried)."""
     tried = dict(zip(grid, run(grid)))
     for _ in range(STUDY_MAX_SHIFTS):
-        best = int(np.argmin([_loss_or_inf(tried[lr]) for lr in grid]))
+        best = best_of([tried[lr] for lr in grid])
         if 0 < best < len(grid) - 1:
             break
         new = grid[0] / 2 if best == 0 else grid[-1] * 2
@@ -96,8 +92,8 @@ def study_cell(run, grid):
     return grid, tried
 
 
-def _loss_or_inf(loss):
-    return math.inf if loss is None else loss      # None: diverged, never the best
+def best_of(losses):
+    return int(np.argmin([math.inf if l is None else l for l in losses]))   # None: diverged
 
 
 def fmt_loss(loss):
@@ -214,7 +210,7 @@ def study_grid(result, cfg, budget, t2, train_runs, save, t_start):
             grid, tried = study_cell(run, grid)
             losses = [tried[lr] for lr in grid]
             finite = [l for l in losses if l is not None]
-            best = int(np.argmin([_loss_or_inf(l) for l in losses]))
+            best = best_of(losses)
             best_lr = grid[best]
             cells[str(batch)] = {
                 "grid": grid, "losses": losses, "best_lr": best_lr, "best_loss": tried[best_lr],
