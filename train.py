@@ -414,9 +414,10 @@ def main(argv=None):
     batches = lambda step, n: jax.device_put(data.get_batch(train_tokens, step, args.batch, cfg.T,
                                                             args.seed, steps=n))
     t0, peak_lr = time.time(), jnp.float32(args.lr)
-    sync_every = min(args.log_tokens, args.eval_tokens, args.ckpt_tokens) // tokens_per_step
+    looks = (args.log_tokens, args.eval_tokens, args.ckpt_tokens)   # where the loop must look
     call, K = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
-                            (args.batch, cfg.T), sync_every, args.steps_per_call)
+                            (args.batch, cfg.T), min(looks) // tokens_per_step,
+                            args.steps_per_call)
     call(1), call(K)    # both lengths now, so that no compilation falls inside the loop
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {K} steps per call ("
           + ("--steps-per-call" if args.steps_per_call else "timed; --steps-per-call sets it")
@@ -464,11 +465,11 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_sigint)
     saved_step = done = start if args.resume else checkpoint(0)   # a checkpoint from step 0 on
     # the first step count after `done` whose tokens reach a multiple of `every`
-    next_at = lambda done, every: -(-(done * tokens_per_step // every + 1) * every
-                                    // tokens_per_step)
+    ceil_div = lambda a, b: -(-a // b)
+    next_at = lambda done, every: ceil_div((done * tokens_per_step // every + 1) * every,
+                                           tokens_per_step)
     # a call's length: K, unless it would run past the next point where the loop must look
-    length = lambda done: K if done + K <= min(n_steps, *(next_at(done, every) for every in (
-        args.log_tokens, args.eval_tokens, args.ckpt_tokens))) else 1
+    length = lambda done: K if done + K <= min(n_steps, *(next_at(done, e) for e in looks)) else 1
     n = length(done)
     xs = batches(done, n)
     try:
@@ -480,8 +481,7 @@ def main(argv=None):
                 xs = batches(done, n)
             jax.block_until_ready(stats)  # one call in flight at most: Ctrl-C stops in a call
             tokens, last, stop = done * tokens_per_step, done == n_steps, bool(interrupted)
-            log_now, eval_now, save_now = (next_at(done - 1, every) == done or last for every in
-                                           (args.log_tokens, args.eval_tokens, args.ckpt_tokens))
+            log_now, eval_now, save_now = (next_at(done - 1, e) == done or last for e in looks)
             save_now = save_now or stop
             # nothing bad is logged or saved: a host sync, so only at these points
             if (log_now or eval_now or save_now) and (bad := diverged(stats, params, done)):
