@@ -59,10 +59,10 @@ ACCEPTS = dict(   # checked in this order
     prompt=("a text of at least one character", lambda v: len(v) > 0))
 # The flags that shape only the sample: a rerun that changes them replaces no result.
 SAMPLE_FLAGS = ("sample", "prompt", "temperature")
-# The flags --resume lets change: the budget, where it logs, the data file's path (its tokens
-# must be the same), --grad-accum (the same gradient, split differently) and the sample's; on a
-# finished run also --seed, which then picks the sample. The rest must match.
-MAY_CHANGE_ON_RESUME = ("tokens", "data", "grad_accum", "log_tokens", "eval_tokens",
+# The flags --resume lets change: the budget, where it logs, the data files' paths (data.fingerprint
+# checks that both splits' tokens are the same), --grad-accum (the same gradient, split otherwise)
+# and the sample's; on a finished run also --seed, which then picks the sample. No other flag.
+MAY_CHANGE_ON_RESUME = ("tokens", "data", "val_data", "grad_accum", "log_tokens", "eval_tokens",
                         "ckpt_tokens") + SAMPLE_FLAGS
 
 
@@ -97,8 +97,10 @@ def common_flags():
     p = Parser(add_help=False)
     add = p.add_argument
     add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
-    add("--data", default=os.path.relpath(data.DEFAULT_TEXT),
-        help="any UTF-8 text file (default: the shipped Shakespeare)")
+    add("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="a UTF-8 text, or .bin token "
+        "files (llm.c shards or nanoGPT's), one or a quoted glob (default: shipped Shakespeare)")
+    add("--val-data", help="validation tokens from these files (text, .bin or glob; the first "
+        f"{data.MAX_VAL_TOKENS:,}); default: the last 10 %% of --data, at most that many")
     add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
     add("--opt", choices=list(OPTIMIZERS), default="sgd", help="optimizer (%(default)s)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
@@ -280,12 +282,14 @@ def main(argv=None):
         die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
             "the K micro-batches holds B/K whole sequences, so K must divide B.")
     try:
-        train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
+        train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch,
+                                             val_path=args.val_data, vocab=cfg.V)
     except data.DataError as e:
         die(str(e))
-    data_hash = data.fingerprint(train_tokens, val_tokens)
+    data_hash = data.fingerprint(train_tokens, val_tokens)    # cheap at any size (data.py)
     if args.resume and data_hash != meta["data_sha256"]:
-        die(f"the tokens of --data {args.data} differ from those the checkpoint was trained on.")
+        die(f"the tokens of --data {args.data} (and --val-data) differ from those the checkpoint "
+            "was trained on.")
     budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
     n_steps, start = budget // tokens_per_step, meta["step"] if args.resume else 0
     if n_steps < 1:
