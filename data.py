@@ -3,11 +3,10 @@
     train, val = data.load("data/shakespeare.txt", T=128, batch=1)      # or "shards_*.bin"
     x, y = data.get_batch(train, step=0, batch=1, T=128, seed=0)     # [B, T] each, y = x shifted
 
-Token files (.bin) are llm.c shards (a 256-int32 header, then uint16 ids) or nanoGPT's bare
-uint16 ids, memory-mapped, several by a quoted glob; any other file is a UTF-8 text, tokenized
-once (GPT-2's BPE, offline) into a .bin beside it named by its hash. The validation split is the
-same for every run (the paper holds out fixed tokens); training windows of T + 1 tokens are seen
-in a seeded shuffle, one pass before any repeats, and step i's batch depends only on (seed, i).
+Token files (.bin: llm.c shards, 256 int32 of header then uint16 ids, or nanoGPT's bare uint16;
+a quoted glob for several) are memory-mapped; a UTF-8 text is tokenized once into a .bin beside
+it. The validation split is the same for every run (the paper holds out fixed tokens); training
+windows of T + 1 come in a seeded shuffle, one pass before any repeats, step i's from (seed, i).
 """
 import base64
 import codecs
@@ -15,6 +14,7 @@ import functools
 import glob
 import hashlib
 import itertools
+import mmap
 import os
 import re
 import time
@@ -69,6 +69,9 @@ class Tokens:
     def __init__(self, parts, vocab):
         self.parts, self.vocab = parts, vocab    # 1-D uint16 arrays, most of them np.memmap
         self.starts = np.cumsum([0] + [len(p) for p in parts])
+        for p in parts:   # windows come in random order: readahead would read (and map) MBs more
+            if isinstance(p, np.memmap) and hasattr(mmap, "MADV_RANDOM"):   # not on Windows
+                p._mmap.madvise(mmap.MADV_RANDOM)
 
     def __len__(self):
         return int(self.starts[-1])
@@ -125,9 +128,8 @@ def open_shard(path):
             (size == 0 or size % 2, f"has {size:,} bytes, not a whole number of uint16 tokens")]:
         if bad:
             raise DataError(f"token file {path} {why}.")
-    if llm_c:
-        return "llm.c", np.memmap(path, "<u2", "r", offset=HEADER_BYTES, shape=(count,))
-    return "nanoGPT", np.memmap(path, "<u2", "r")
+    ids = np.memmap(path, "<u2", "r", offset=HEADER_BYTES if llm_c else 0)   # to the file's end
+    return ("llm.c" if llm_c else "nanoGPT"), ids
 
 
 def load_tokens(path, chunk=4 * 2 ** 20):   # bytes at a time: ~50 MB of Python ints at most
@@ -154,8 +156,7 @@ def stream_tokens(path, chunk):
     with open(path, "rb") as f:
         for block in itertools.chain(iter(functools.partial(f.read, chunk), b""), [b""]):
             if b"\0" in block or not (block or n or carry.strip()):   # no text holds NUL bytes
-                raise DataError(f"data file {path} is " + ("binary (it holds NUL bytes)" if block
-                                                          else "empty") + TAKES)
+                raise DataError(f"data file {path} is {'binary' if block else 'empty'}{TAKES}")
             try:   # a character split between chunks waits in the decoder for its other bytes
                 text = carry + decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:   # e.object: the bytes held back, then this block
@@ -183,8 +184,7 @@ def n_windows(train, T):
 
 
 def load(path, T, batch, val_path=None, vocab=EOT + 1):
-    """(train Tokens, val array): split's, or val_path's first MAX_VAL_TOKENS. Raises DataError if
-    one batch or one validation window does not fit, or an id of the sample is not below vocab."""
+    """(train Tokens, val array): split's, or val_path's first MAX_VAL_TOKENS; or a DataError."""
     tokens = open_tokens(path, vocab)
     train, val = split(tokens) if val_path is None else (tokens, open_tokens(val_path, vocab))
     if len(tokens) <= (0 if val_path else MIN_VAL_TOKENS) or n_windows(train, T) < batch:
