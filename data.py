@@ -30,7 +30,7 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 # GPT-2's pre-tokenizer (tiktoken's r50k/gpt2 pattern): contractions, letters, digits, other, spaces.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = 50_256  # <|endoftext|>, the one special token; the vocabulary has 50,257 ids
-MIN_VAL_TOKENS, MAX_VAL_TOKENS = 16_384, 2 ** 20   # the max: ~2 s per evaluation at 30m (README)
+MIN_VAL_TOKENS, MAX_VAL_TOKENS = 16_384, 2 ** 20   # max: all are evaluated each time (README)
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20_240_520, 1, 256 * 4    # llm.c's token shards
 FULL_READ, SAMPLE_BLOCKS, BLOCK = 2 ** 24, 1024, 256   # ids read whole; beyond, blocks x ids
 TAKES = "; --data and --val-data take a UTF-8 text or .bin token files (a quoted glob of them)."
