@@ -5,8 +5,8 @@
 
 Token files (.bin: llm.c shards, 256 int32 of header then uint16 ids, or nanoGPT's bare uint16;
 a quoted glob for several) are memory-mapped; a UTF-8 text is tokenized once into a .bin beside
-it. The validation split is the same for every run (the paper holds out fixed tokens); training
-windows of T + 1 come in a seeded shuffle, one pass before any repeats, step i's from (seed, i).
+it. The validation split is the same for every run (the paper holds out fixed tokens); windows of
+T + 1 tokens are drawn in a seeded shuffle, one pass before any repeats, step i's from (seed, i).
 """
 import base64
 import codecs
@@ -69,9 +69,8 @@ class Tokens:
     def __init__(self, parts, vocab):
         self.parts, self.vocab = parts, vocab    # 1-D uint16 arrays, most of them np.memmap
         self.starts = np.cumsum([0] + [len(p) for p in parts])
-        for p in parts:   # windows come in random order: readahead would read (and map) MBs more
-            if isinstance(p, np.memmap) and hasattr(mmap, "MADV_RANDOM"):   # not on Windows
-                p._mmap.madvise(mmap.MADV_RANDOM)
+        for p in (p for p in parts if isinstance(p, np.memmap) and hasattr(mmap, "MADV_RANDOM")):
+            p._mmap.madvise(mmap.MADV_RANDOM)   # random windows: readahead would map MBs more
 
     def __len__(self):
         return int(self.starts[-1])
@@ -97,7 +96,7 @@ class Tokens:
 
 def open_tokens(pattern, vocab):
     """The ids of a text, a token file or a glob of token files (in name order), as Tokens."""
-    paths = sorted(glob.glob(pattern)) if glob.has_magic(str(pattern)) else [str(pattern)]
+    paths = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [str(pattern)]
     if not paths or not all(p.endswith(".bin") for p in paths) and len(paths) > 1:
         raise DataError(f"the glob {pattern} matches {'files that are not' if paths else 'no'} "
                         f".bin token files{TAKES}")
@@ -123,7 +122,7 @@ def open_shard(path):
     for bad, why in [   # in this order; a header that fits the size but not llm.c's magic
             (llm_c and version != SHARD_VERSION, f"has version {version}, not {SHARD_VERSION}"),
             (llm_c and not fits, f"says it holds {count:,} tokens, but its {size:,} bytes hold "
-             f"{(size - HEADER_BYTES) / 2:,}"),
+             f"{(size - HEADER_BYTES) // 2:,}"),
             (not llm_c and fits, f"has magic number {magic}, not llm.c's {SHARD_MAGIC}"),
             (size == 0 or size % 2, f"has {size:,} bytes, not a whole number of uint16 tokens")]:
         if bad:
@@ -144,6 +143,9 @@ def load_tokens(path, chunk=4 * 2 ** 20):   # bytes at a time: ~50 MB of Python 
             os.replace(tmp, cache)
     except OSError:   # a read-only folder: keep the tokens in memory, tokenize again next time
         return np.concatenate(list(stream_tokens(path, chunk)))
+    except DataError:   # end the progress line before the message
+        print()
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return np.memmap(cache, np.uint16, "r")
@@ -192,8 +194,7 @@ def load(path, T, batch, val_path=None, vocab=EOT + 1):
                         + ("" if val_path else f"{MIN_VAL_TOKENS:,} validation tokens plus ")
                         + f"one batch of {batch} x {T + 1} training tokens.")
     if len(val) < T + 1:
-        raise DataError(f"validation data {val_path} has {len(val):,} tokens, fewer than one "
-                        f"window of T + 1 = {T + 1}.")
+        raise DataError(f"--val-data {val_path} has {len(val):,} tokens; a window needs {T + 1}.")
     fingerprint(train)    # reads the sample, which checks its ids against the vocabulary
     return train, np.asarray(val[:MAX_VAL_TOKENS])
 
@@ -220,8 +221,7 @@ def get_batch(train, step, batch, T, seed, steps=None):
 
 def compact_vocab(train, val, V):
     """The tokens (all read) renumbered into V ids: the V - 1 most frequent training tokens get ids
-    0, 1, ... by rank, all others share V - 1. For the batch-size study's CPU model, whose cost is
-    its output layer: the shipped corpus uses 12,031 ids, the 4,095 most frequent 95.5 % of it."""
+    0, 1, ... by rank, all others share V - 1: for the batch-size study's CPU model (its README)."""
     train, val = np.asarray(train), np.asarray(val)
     counts = np.bincount(train, minlength=EOT + 1)
     table = np.full(EOT + 1, V - 1, np.uint16)

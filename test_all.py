@@ -726,7 +726,7 @@ def bad_input(case, tmp_path):
     ("vocab", "holds token id 50,257, not below the vocabulary's 50,257"),
     ("odd", "has 1,001 bytes, not a whole number of uint16 tokens"),
     ("mixed", "is an llm.c token file but"),
-    ("short", "has 100 tokens, fewer than one window of T + 1 = 129"),
+    ("short", "has 100 tokens; a window needs 129"),
     ("none", "matches no .bin token files")])
 def test_bad_token_files_exit_2_with_one_sentence(case, message, tmp_path, capsys):
     """Each bad token file, glob or validation file stops the run before training: exit 2, one
