@@ -627,7 +627,7 @@ def test_token_files_of_either_format_hold_the_ids_written(tmp_path):
 def test_a_glob_of_shards_gives_the_batches_of_the_same_tokens_in_one_file(tmp_path):
     """Six llm.c shards of 5,000 ids (a glob, read in name order) and one nanoGPT file of the
     same 30,000 ids give all that training reads as the plain numpy array does: the validation
-    split, every batch of two passes (windows of 17 across shard boundaries too), the fingerprint."""
+    split, every batch of two passes (windows of 17 across shard edges too), the fingerprint."""
     ids = np.asarray(data.load_tokens(data.DEFAULT_TEXT)[:30_000])
     for i in reversed(range(6)):                 # written out of order: the glob sorts by name
         write_shard(tmp_path / f"train_{i:06d}.bin", ids[5_000 * i:5_000 * (i + 1)])
