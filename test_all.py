@@ -621,6 +621,222 @@ def test_bad_data_file_is_one_sentence(tmp_path, content, message):
         data.load(path, T=128, batch=1)
 
 
+# -- token files and big data: the paper's shards, --val-data, streaming, memory ----------------
+
+def write_shard(path, ids, magic=20_240_520, version=1, count=None):
+    """An llm.c / modded-nanogpt shard by hand: 256 little-endian int32 (magic, version, count),
+    then the ids as little-endian uint16."""
+    header = np.zeros(256, "<i4")
+    header[:3] = magic, version, len(ids) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(ids, "<u2").tobytes())
+    return path
+
+
+def sparse_tokens(path, n, header=False):
+    """A file of n zero ids that takes no disk space: truncate() past the end leaves a hole."""
+    write_shard(path, [], count=n) if header else path.write_bytes(b"")
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) + 2 * n)
+    return path
+
+
+def test_token_files_of_either_format_hold_the_ids_written(tmp_path):
+    """An llm.c shard (its 1,024-byte header skipped) and nanoGPT's bare uint16 file both read
+    back, memory-mapped, as exactly the ids written."""
+    ids = np.random.default_rng(0).integers(0, 50_257, 3_000)
+    ids.astype("<u2").tofile(tmp_path / "bare.bin")
+    for path in write_shard(tmp_path / "shard.bin", ids), tmp_path / "bare.bin":
+        tokens = data.open_tokens(str(path), vocab=50_257)
+        assert isinstance(tokens.parts[0], np.memmap) and len(tokens) == 3_000
+        np.testing.assert_array_equal(np.asarray(tokens), ids)
+
+
+def test_a_glob_of_shards_gives_the_batches_of_the_same_tokens_in_one_file(tmp_path):
+    """Six llm.c shards of 5,000 ids (a glob, read in name order) and one nanoGPT file of the
+    same 30,000 ids give all that training reads as the plain numpy array does: the validation
+    split, every batch of two passes (windows of 17 across shard edges too), the fingerprint."""
+    ids = np.asarray(data.load_tokens(data.DEFAULT_TEXT)[:30_000])
+    for i in reversed(range(6)):                 # written out of order: the glob sorts by name
+        write_shard(tmp_path / f"train_{i:06d}.bin", ids[5_000 * i:5_000 * (i + 1)])
+    ids.astype("<u2").tofile(tmp_path / "one.bin")
+    want_train, want_val = data.split(ids)
+    steps = 2 * data.n_windows(want_train, 16) // 4
+    want = data.get_batch(want_train, 0, 4, 16, seed=5, steps=steps)
+    for path in tmp_path / "train_*.bin", tmp_path / "one.bin":
+        got_train, got_val = data.load(str(path), T=16, batch=4)
+        np.testing.assert_array_equal(got_val, want_val)
+        np.testing.assert_array_equal(data.get_batch(got_train, 0, 4, 16, seed=5, steps=steps),
+                                      want)
+        assert data.fingerprint(got_train, got_val) == data.fingerprint(want_train, want_val)
+
+
+def test_val_data_is_the_validation_split_when_given(tmp_path, monkeypatch):
+    """With --val-data its file's ids are the validation split and all of --data trains; train.py
+    passes the flag, and the model's vocabulary, on to data.load."""
+    rng = np.random.default_rng(1)
+    ids, val_ids = rng.integers(0, 50_257, 15_000), rng.integers(0, 50_257, 1_500)
+    for i in range(3):
+        write_shard(tmp_path / f"train_{i}.bin", ids[5_000 * i:5_000 * (i + 1)])
+    val_ids.astype("<u2").tofile(tmp_path / "val.bin")
+    glob, val_path = str(tmp_path / "train_*.bin"), str(tmp_path / "val.bin")
+    train_tokens, val = data.load(glob, T=128, batch=1, val_path=val_path)
+    np.testing.assert_array_equal(val, val_ids)
+    np.testing.assert_array_equal(np.asarray(train_tokens), ids)
+    seen = {}
+    def load(*args, **kwargs):                    # what train.main asks for, then stop it
+        seen.update(kwargs)
+        raise data.DataError("stop")
+    monkeypatch.setattr(data, "load", load)
+    with pytest.raises(SystemExit):
+        train.main(["--data", glob, "--val-data", val_path, "--out", str(tmp_path / "run")])
+    assert seen["val_path"] == val_path and seen["vocab"] == model.PRESETS["tiny"].V
+
+
+def test_resume_refuses_other_tokens_and_accepts_the_same_tokens_in_other_files(tmp_path, capsys):
+    """A checkpoint records its data's fingerprint: --resume on other tokens is one sentence and
+    exit 2; the same tokens as shards instead of one file pass that check (and this checkpoint,
+    which holds no parameters, is refused next, for that)."""
+    ids = np.asarray(data.load_tokens(data.DEFAULT_TEXT)[:40_000])
+    ids.astype("<u2").tofile(tmp_path / "one.bin")
+    for i in range(4):
+        write_shard(tmp_path / f"s_{i}.bin", ids[10_000 * i:10_000 * (i + 1)])
+    (tmp_path / "run").mkdir()
+    meta = {"version": train.CKPT_VERSION, "args": {"data": str(tmp_path / "one.bin")},
+            "step": 1, "n_steps": 5, "data_sha256": data.fingerprint(*data.split(ids))}
+    train.save_arrays(tmp_path / "run" / "ckpt.npz", {"meta": np.array(json.dumps(meta))})
+    ids[::-1].astype("<u2").tofile(tmp_path / "other.bin")     # other tokens: the ids reversed
+    for files, message in [("other.bin", "differ from those the checkpoint was trained on"),
+                           ("s_*.bin", "does not hold the parameters")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--resume", "--out", str(tmp_path / "run"),
+                        "--data", str(tmp_path / files)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_validation_split_is_capped_and_the_shipped_one_unchanged(tmp_path):
+    """Without --val-data the validation split is the last 10 % of the tokens: 36,964 of the
+    shipped corpus's 369,648 (below the cap, as before it), and 2^20 of a 20M-token file."""
+    tokens = np.asarray(data.load_tokens(data.DEFAULT_TEXT))
+    train_tokens, val = data.load(data.DEFAULT_TEXT, T=128, batch=1)
+    assert len(tokens) == 369_648 and len(train_tokens) == 369_648 - 36_964
+    np.testing.assert_array_equal(val, tokens[-36_964:])
+    train_tokens, val = data.load(str(sparse_tokens(tmp_path / "big.bin", 20_000_000)), 128, 1)
+    assert len(val) == data.MAX_VAL_TOKENS == 2 ** 20
+    assert len(train_tokens) == 20_000_000 - 2 ** 20
+
+
+def bad_input(case, tmp_path):
+    """The flags of a run on one kind of bad token file (or glob), made in tmp_path."""
+    ids, t = np.arange(3_000), tmp_path
+    val = ["--val-data", str((t / "val.bin"))]
+    np.arange(500, dtype="<u2").tofile(t / "val.bin")
+    files = {
+        "magic": lambda: write_shard(t / "a.bin", ids, magic=12_345),
+        "version": lambda: write_shard(t / "a.bin", ids, version=2),
+        "count": lambda: write_shard(t / "a.bin", ids, count=3_007),
+        "vocab": lambda: write_shard(t / "a.bin", np.r_[ids, 50_257]),
+        "odd": lambda: (t / "a.bin").write_bytes(b"\0" * 1_001),
+        "mixed": lambda: (write_shard(t / "a_0.bin", ids), ids.astype("<u2").tofile(t / "a_1.bin")),
+        "short": lambda: (write_shard(t / "a.bin", ids), np.arange(100, dtype="<u2").tofile(
+            t / "val.bin")),
+        "none": lambda: None}
+    files[case]()
+    glob = {"mixed": "a_*.bin", "none": "nothing_*.bin"}.get(case, "a.bin")
+    return ["--data", str(t / glob)] + val
+
+
+@pytest.mark.parametrize("case, message", [
+    ("magic", "has magic number 12345, not llm.c's 20240520"),
+    ("version", "has version 2, not 1"),
+    ("count", "says it holds 3,007 tokens, but its 7,024 bytes hold 3,000"),
+    ("vocab", "holds token id 50,257, not below the vocabulary's 50,257"),
+    ("odd", "has 1,001 bytes, not a whole number of uint16 tokens"),
+    ("mixed", "is an llm.c token file but"),
+    ("short", "has 100 tokens; a window needs 129"),
+    ("none", "matches no .bin token files")])
+def test_bad_token_files_exit_2_with_one_sentence(case, message, tmp_path, capsys):
+    """Each bad token file, glob or validation file stops the run before training: exit 2, one
+    line naming the file and what is wrong with it."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(bad_input(case, tmp_path) + ["--out", "/dev/null/never-written"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_an_id_beyond_the_vocabulary_outside_the_sample_stops_its_batch(tmp_path):
+    """Beyond FULL_READ tokens load checks a sample only; an id >= V between sampled blocks passes
+    it, and get_batch raises DataError at the step whose window holds it, not before."""
+    n, T = data.FULL_READ + 10_000, 16                     # training tokens, then validation
+    path = sparse_tokens(tmp_path / "big.bin", n + data.MAX_VAL_TOKENS)
+    starts = np.linspace(0, n - data.BLOCK, data.SAMPLE_BLOCKS).astype(int)
+    bad = (starts[5] + starts[6]) // 2                      # far from both blocks
+    with open(path, "r+b") as f:
+        f.seek(2 * bad)
+        f.write(np.uint16(60_000).tobytes())
+    train_tokens, _ = data.load(str(path), T=T, batch=1)
+    order = data._window_order(data.n_windows(train_tokens, T), 0, 0)
+    step = int(np.flatnonzero(order == bad // (T + 1))[0])
+    data.get_batch(train_tokens, step + 1, 1, T, seed=0)
+    with pytest.raises(data.DataError, match="holds token id 60,000"):
+        data.get_batch(train_tokens, step, 1, T, seed=0)
+
+
+def test_fingerprint_hashes_small_data_whole_and_big_data_by_sample(tmp_path):
+    """The data identity: for the shipped corpus the sha256 of all its ids (as before token files,
+    so older checkpoints resume); beyond FULL_READ the same for the same ids in one file or two
+    shards, and another when an id in a sampled block differs."""
+    train_tokens, val = data.load(data.DEFAULT_TEXT, T=128, batch=1)
+    assert data.fingerprint(train_tokens, val) == hashlib.sha256(
+        np.asarray(train_tokens).tobytes() + val.tobytes()).hexdigest()[:16]
+    n = data.FULL_READ
+    one = data.open_tokens(str(sparse_tokens(tmp_path / "one.bin", 2 * n)), data.EOT + 1)
+    for i in range(2):
+        sparse_tokens(tmp_path / f"s_{i}.bin", n, header=True)
+    two = data.open_tokens(str(tmp_path / "s_*.bin"), data.EOT + 1)
+    assert data.fingerprint(one) == data.fingerprint(two)
+    with open(tmp_path / "one.bin", "r+b") as f:
+        f.write(np.uint16(7).tobytes())                     # the first id of the first block
+    one = data.open_tokens(str(tmp_path / "one.bin"), data.EOT + 1)
+    assert data.fingerprint(one) != data.fingerprint(two)
+
+
+def test_streaming_tokenization_equals_tokenizing_the_whole_text(tmp_path):
+    """A 2.6 MB text tokenized in 64 KB chunks, each cut where no pre-token spans, gives the ids
+    of tiktoken on the whole text (chunk edges fall mid-word, mid-character and in runs of
+    spaces and newlines); the token file written is then a token file for --data."""
+    text = data.DEFAULT_TEXT.read_text() * 2 + "  naïve 日本語  \n\n \t x 🙂 we'll\r\n" * 5_000
+    path = tmp_path / "big.txt"
+    path.write_text(text)
+    ids = data.load_tokens(path, chunk=65_536)
+    np.testing.assert_array_equal(ids, data.encode(text))
+    cache, = tmp_path.glob("big.*.bin")
+    from_text, from_cache = data.load(path, T=128, batch=1), data.load(str(cache), T=128, batch=1)
+    np.testing.assert_array_equal(from_text[1], from_cache[1])
+    np.testing.assert_array_equal(data.get_batch(from_text[0], 0, 8, 128, 0, steps=50),
+                                  data.get_batch(from_cache[0], 0, 8, 128, 0, steps=50))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
+def test_a_billion_token_shard_trains_in_bounded_memory(tmp_path):
+    """A run on a sparse shard of 2^30 tokens (2 GiB) keeps its peak resident memory below 1 GiB,
+    half the shard (about 0.6 GiB measured, 0.54 of it JAX and the model): the shard is mapped,
+    never read whole. Measured in a subprocess by its VmHWM (ru_maxrss would include this forked
+    process's own peak, which survives the exec)."""
+    shard = sparse_tokens(tmp_path / "big_train.bin", 2 ** 30, header=True)
+    np.random.default_rng(0).integers(0, 50_257, 1_000).astype("<u2").tofile(tmp_path / "val.bin")
+    code = ("import re, train; train.main(['--data', %r, '--val-data', %r, '--tokens', '256', "
+            "'--sample', '0', '--out', %r]); print(re.search(r'VmHWM:.*', open('/proc/self/status')"
+            ".read())[0])") % (str(shard), str(tmp_path / "val.bin"), str(tmp_path / "run"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert ("1,073,741,824 training tokens (8,323,580 windows of T + 1), 1,000 validation tokens"
+            in result.stdout)
+    peak_kib = int(result.stdout.split("VmHWM:")[-1].split()[0])
+    assert peak_kib * 1024 < 2 ** 30
+
+
 # -- training ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, opt, lr", [
@@ -811,6 +1027,7 @@ def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
 @pytest.mark.parametrize("program, argv, message", [
     (find_batch, ["--tokens", "1M"], "unrecognized arguments: --tokens 1M"),
     (find_batch, ["--out", "x"], "unrecognized arguments: --out x"),
+    (find_batch, ["--val-data", "x.bin"], "--val-data does not apply to find_batch"),
     (find_batch, ["--opt", "sgd", "--b2", "0.9"], "--b2/--t2 do not apply to sgd"),
     (memory, ["--opt", "adam"], "unrecognized arguments: --opt adam"),
     (batch_size_study, ["--batch", "4"], "unrecognized arguments: --batch 4"),

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import sys
 import time
@@ -60,10 +61,11 @@ ACCEPTS = dict(   # checked in this order
     prompt=("a text of at least one character", lambda v: len(v) > 0))
 # The flags that change no result, only the sample or the speed: a rerun may change them.
 NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call")
-# The flags --resume lets change: the budget, where it logs, the data file's path (its tokens
-# must be the same), --grad-accum (the same gradient, split differently) and NO_RESULT_FLAGS; on
-# a finished run also --seed, which then picks the sample. The rest must match.
-MAY_CHANGE_ON_RESUME = ("tokens", "data", "grad_accum", "log_tokens", "eval_tokens",
+# The flags --resume lets change: the budget, where it logs, the data files' paths
+# (data.fingerprint checks that both splits' tokens are the same), --grad-accum (the same
+# gradient, split otherwise) and NO_RESULT_FLAGS; on a finished run also --seed, which then
+# picks the sample. No other flag.
+MAY_CHANGE_ON_RESUME = ("tokens", "data", "val_data", "grad_accum", "log_tokens", "eval_tokens",
                         "ckpt_tokens") + NO_RESULT_FLAGS
 
 # Dense bfloat16 peak FLOP/s of common accelerators, by a part of jax's device_kind, for the MFU
@@ -104,8 +106,10 @@ def common_flags():
     p = Parser(add_help=False)
     add = p.add_argument
     add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
-    add("--data", default=os.path.relpath(data.DEFAULT_TEXT),
-        help="any UTF-8 text file (default: the shipped Shakespeare)")
+    add("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="a UTF-8 text, or .bin token "
+        "files (llm.c shards or nanoGPT's), one or a quoted glob (default: shipped Shakespeare)")
+    add("--val-data", help="validation tokens from these files (text, .bin or glob; the first "
+        f"{data.MAX_VAL_TOKENS:,}); default: the last 10 %% of --data, at most that many")
     add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
     add("--opt", choices=list(OPTIMIZERS), default="sgd", help="optimizer (%(default)s)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
@@ -175,6 +179,16 @@ def model_config(args):
     """--model's shape, its matrix multiplies in --compute-dtype (default: the parameters')."""
     args.compute_dtype = args.compute_dtype or args.param_dtype
     return dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype)
+
+
+def load_data(args, T, batch, vocab=data.EOT + 1):
+    """data.load of --data (and --val-data, where the program has it): (train, val) tokens, or a
+    data file that cannot be used as one sentence and exit 2."""
+    try:
+        return data.load(args.data, T, batch, val_path=getattr(args, "val_data", None),
+                         vocab=vocab)
+    except data.DataError as e:
+        die(str(e))
 
 
 def make_optimizer(args, tokens_per_step, heads=None):
@@ -338,13 +352,11 @@ def main(argv=None):
     if args.batch % args.grad_accum:
         die(f"--batch {args.batch} is not divisible by --grad-accum {args.grad_accum}; each of "
             "the K micro-batches holds B/K whole sequences, so K must divide B.")
-    try:
-        train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=args.batch)
-    except data.DataError as e:
-        die(str(e))
-    data_hash = data.fingerprint(train_tokens, val_tokens)
+    train_tokens, val_tokens = load_data(args, cfg.T, args.batch, cfg.V)
+    data_hash = data.fingerprint(train_tokens, val_tokens)    # cheap at any size (data.py)
     if args.resume and data_hash != meta["data_sha256"]:
-        die(f"the tokens of --data {args.data} differ from those the checkpoint was trained on.")
+        die(f"the tokens of --data {args.data} (and --val-data) differ from those the checkpoint "
+            "was trained on.")
     budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
     n_steps, start = budget // tokens_per_step, meta["step"] if args.resume else 0
     if n_steps < 1:
@@ -360,8 +372,9 @@ def main(argv=None):
 
     # -- derived settings, printed once ----------------------------------------------------
     print("command    python train.py " + " ".join(   # the run's flags, resolved: rerun to repeat
-        f"--{flag.replace('_', '-')}" + ("" if value is True else f" {value}") for flag, value in
-        vars(args).items() if value not in (None, False) and flag not in NO_RESULT_FLAGS))
+        f"--{flag.replace('_', '-')}" + ("" if value is True else f" {shlex.quote(str(value))}")
+        for flag, value in vars(args).items() if value not in (None, False)
+        and flag not in NO_RESULT_FLAGS))
     n_params = sum(x.size for x in shapes.values())    # counted from the dict: tied embeddings
     embeddings = {name: x.size for name, x in shapes.items() if name in ("embed", "unembed")}
     print(f"model      {args.model}: {cfg} -> {n_params:,} parameters "
@@ -512,6 +525,8 @@ def main(argv=None):
                 t_window += time.time() - t_pause
             if stop:
                 break
+    except data.DataError as e:   # a token id past the vocabulary, beyond what load checked
+        die(f"{e} {out}/ckpt.npz keeps the state of step {saved_step:,}.")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         log_file.close()

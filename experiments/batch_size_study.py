@@ -62,8 +62,7 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, g
             (params, opt_state, stats, np.int32(0), lrs), (batch, cfg.T), n_steps,
             K=math.gcd(n_steps, 256))     # the study's K divides its steps: 256 to 4
     call, K = COMPILED[program]
-    step_bytes = call(K).memory_analysis().temp_size_in_bytes   # scratch is reused per step
-    t0 = time.time()
+    step_bytes, t0 = call(K).memory_analysis().temp_size_in_bytes, time.time()   # one step's
     for step in range(0, n_steps, K):
         xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=K)
         params, opt_state, stats = call(K)(params, opt_state, stats, np.int32(step), *xs, lrs)
@@ -116,17 +115,14 @@ def main(argv=None):
     p.add_argument("--model", choices=list(model.PRESETS), help="a model preset instead of the "
                    "study's CPU model (V=4096 D=64 L=2 H=1 T=32, with a compact vocabulary)")
     p.add_argument("--tokens", type=train.count, help=f"tokens per run (default {STUDY_TOKENS:,})")
-    p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="any UTF-8 text")
+    p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="text or .bin files")
     p.add_argument("--seed", type=int, default=0, help="seeds initialization and data order")
     p.add_argument("--out", default="out/study", help="output folder (default out/study)")
     args, _ = train.parse_args(p, argv)
     command = " ".join([p.prog] + (sys.argv[1:] if argv is None else argv))
     t_start, out, budget = time.time(), Path(args.out), args.tokens or STUDY_TOKENS
     cfg = model.PRESETS[args.model] if args.model else STUDY_MODEL
-    try:
-        train_tokens, val_tokens = data.load(args.data, T=cfg.T, batch=max(STUDY_BATCHES))
-    except data.DataError as e:
-        train.die(str(e))
+    train_tokens, val_tokens = train.load_data(args, cfg.T, max(STUDY_BATCHES))
     if cfg.V <= data.EOT:                       # the study's CPU model: a compact vocabulary
         train_tokens, val_tokens = data.compact_vocab(train_tokens, val_tokens, cfg.V)
     big_step = max(STUDY_BATCHES) * cfg.T       # every batch size divides the largest, so
@@ -177,9 +173,8 @@ def main(argv=None):
             save()
         return [done[row, batch, grad_accum, lr] for lr in lrs]
     vocab = "compact vocabulary" if cfg.V <= data.EOT else "GPT-2 vocabulary"
-    print(f"study      {len(STUDY_SETTINGS)} optimizer settings x batch sizes "
-          f"{', '.join(map(str, STUDY_BATCHES))}, 4 learning rates each (more where a grid "
-          f"moves), {train.fmt_tokens(budget)} tokens per run")
+    print(f"study      {len(STUDY_SETTINGS)} optimizer settings x B = {STUDY_BATCHES}, 4 learning "
+          f"rates each (more where a grid moves), {train.fmt_tokens(budget)} tokens per run")
     print(f"model      {cfg} ({vocab}); t2 = {train.fmt_tokens(t2)} tokens; results in {out}/")
     try:
         study_grid(result, cfg, budget, t2, train_runs, save, t_start)

@@ -91,15 +91,12 @@ def main(argv=None):
                    help="optimizers (default: sgd adafactor adam)")
     p.add_argument("--tokens", type=train.count, help="tokens per run (default: one pass)")
     p.add_argument("--data", default=os.path.relpath(data.DEFAULT_TEXT),
-                   help="any UTF-8 text file (default: the shipped Shakespeare)")
+                   help="a text or token files, as train.py's (default: shipped Shakespeare)")
     p.add_argument("--seed", type=int, default=0, help="seeds every run (default 0)")
     p.add_argument("--out", default="out/bf16", help="output folder (default out/bf16)")
     args, _ = train.parse_args(p, argv)
     T = model.PRESETS["tiny"].T
-    try:
-        train_tokens, val_tokens = data.load(args.data, T=T, batch=1)
-    except data.DataError as e:
-        train.die(str(e))
+    train_tokens, val_tokens = train.load_data(args, T, 1)
     data_hash = data.fingerprint(train_tokens, val_tokens)
     tokens = args.tokens or data.n_windows(train_tokens, T) * T     # train.py's default budget
     rows = []

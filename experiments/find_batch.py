@@ -44,11 +44,10 @@ def main(argv=None):
                         "timed, as train.py does; 1: a call per step)")
     args, _ = train.parse_args(parser, argv)
     cfg = train.model_config(args)
+    if args.val_data:
+        train.die("--val-data does not apply to find_batch, which times training steps only.")
     train.make_optimizer(args, cfg.T)                    # the flags' checks, before any work
-    try:
-        train_tokens, _ = data.load(args.data, T=cfg.T, batch=1)
-    except data.DataError as e:
-        train.die(str(e))
+    train_tokens, _ = train.load_data(args, cfg.T, 1, cfg.V)
     key = jax.random.key(args.seed)
     device = jax.devices()[0]
     print(f"find-batch {args.model} ({cfg}), {args.opt}, {args.param_dtype} weights, on "
