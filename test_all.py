@@ -351,7 +351,7 @@ def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
     for run in ["a", "b"]:
         train.main(["--param-dtype", "bfloat16", "--data", str(corpus), "--tokens", "6k",
                     "--log-tokens", "1k", "--eval-tokens", "6k", "--sample", "0",
-                    "--out", str(tmp_path / run)])
+                    "--steps-per-call", "4", "--out", str(tmp_path / run)])
         logs.append([json.loads(line) for line in (tmp_path / run / "log.jsonl").open()])
     n_params = sum(p.size for p in jax.eval_shape(
         lambda: model.init_params(jax.random.key(0), model.PRESETS["tiny"])).values())
@@ -365,7 +365,7 @@ def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
     embed = np.load(tmp_path / "a" / "params.npz")["embed"]         # bf16 values, as float32
     assert (embed.astype(jnp.bfloat16).astype(np.float32) == embed).all()
     assert (embed.view(np.uint32) & 0xFFFF == 0).all()        # no bits below bf16's 16
-    assert len(calls) == 2 * 26           # the train step rounds each of the 26 leaves, per run
+    assert len(calls) == 2 * 2 * 26     # each of 26 leaves, in calls of 4 and of 1, in both runs
 
 
 # -- half-lives and the schedule ---------------------------------------------------------------
@@ -1608,12 +1608,14 @@ def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_perce
     assert find_batch.pick_batch([(1, 100), (2, 95), (4, 80)]) == 1
 
 
-def test_find_batch_runs_on_this_device(monkeypatch, capsys):
+def test_find_batch_runs_on_this_device(tmp_path, monkeypatch, capsys):
     """find_batch times train.py's calls of K steps at B = 1, 2, 4, ..., prints tokens/s per B,
     B = 1's share of the best, and recommends one of the batch sizes it timed."""
     monkeypatch.setitem(model.PRESETS, "tiny", SMALL)
     monkeypatch.setattr(find_batch, "throughput_stopped_rising", lambda tok_s: len(tok_s) == 3)
-    pick = find_batch.main(["--opt", "adafactor"])
+    ids = tmp_path / "ids.bin"       # nanoGPT's bare uint16, in SMALL's vocabulary of 97
+    np.random.default_rng(0).integers(0, SMALL.V, 20_000).astype(np.uint16).tofile(ids)
+    pick = find_batch.main(["--opt", "adafactor", "--data", str(ids)])
     printed = capsys.readouterr().out
     rows = re.findall(r"^ +(\d+) +(\d+) +(\d+) +[\d.]+ +([\d,]+) +[\d,.]+  ", printed, re.M)
     assert [int(b) for b, _, _, _ in rows] == [1, 2, 4]
