@@ -11,7 +11,7 @@ sync between them. It stops after two doublings in a row that gain less than 5 %
 before them, or when a batch no longer fits in memory, and recommends the smallest B within 10 %
 of the best tokens/s. Memory: the device's peak bytes in use on a GPU; on a CPU, which does not
 report it, XLA's estimate of the call's temporaries. Last, it prints each B's share of the best
-throughput: the utilization B = 1 loses here, against the paper's 30-70 % (TPU v4, its §11).
+throughput: the utilization B = 1 loses here, against the paper's 30-70 % (TPU v4).
 """
 import math
 import sys
@@ -102,7 +102,7 @@ def main(argv=None):
     print("share of the best throughput: " + ", ".join(f"B = {b} {tok_s / best:.0%}"
                                                        for b, tok_s in rows))
     print(f"B = 1 loses {1 - rows[0][1] / best:.0%} of the best utilization here; the paper: "
-          "B = 1-2 lost 30-70 % of MFU on TPU v4 (its §11)")
+          "B = 1-2 lost 30-70 % of MFU on TPU v4")
     pick = pick_batch(rows)
     print(f"recommended: --batch {pick}, the smallest batch within 10 % of the best throughput "
           f"({max(tok_s for _, tok_s in rows):,.0f} tokens/s): the paper's rule")
