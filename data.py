@@ -121,6 +121,7 @@ def open_shard(path):
     llm_c, fits = magic == SHARD_MAGIC, count > 0 and size == HEADER_BYTES + 2 * count
     for bad, why in [   # in this order; a header that fits the size but not llm.c's magic
             (llm_c and version != SHARD_VERSION, f"has version {version}, not {SHARD_VERSION}"),
+            (llm_c and count <= 0, f"says it holds {count:,} tokens"),
             (llm_c and not fits, f"says it holds {count:,} tokens, but its {size:,} bytes hold "
              f"{(size - HEADER_BYTES) // 2:,}"),
             (not llm_c and fits, f"has magic number {magic}, not llm.c's {SHARD_MAGIC}"),
@@ -153,7 +154,7 @@ def load_tokens(path, chunk=4 * 2 ** 20):   # bytes at a time: ~50 MB of Python 
 
 def stream_tokens(path, chunk):
     """A text's ids, a chunk at a time, with a progress line. A chunk ends after its last non-space
-    before a space or newline: no GPT-2 pre-token spans that, none has a non-space then a space."""
+    before an ASCII space, tab or line break: no GPT-2 pre-token has a non-space then a space."""
     decoder, carry, done, n, t0 = codecs.getincrementaldecoder("utf-8")(), "", 0, 0, time.time()
     with open(path, "rb") as f:
         for block in itertools.chain(iter(functools.partial(f.read, chunk), b""), [b""]):
@@ -164,7 +165,7 @@ def stream_tokens(path, chunk):
             except UnicodeDecodeError as e:   # e.object: the bytes held back, then this block
                 raise DataError(f"data file {path} is not UTF-8 text (at byte "
                                 f"{done - len(e.object) + len(block) + e.start:,}).")
-            cut = re.match(r".*\S(?=[ \n])", text, re.S) if block else None   # the last: whole
+            cut = re.match(r".*\S(?=[ \t\n\r\f\v])", text, re.S) if block else None  # the last
             end = cut.end() if cut else 0 if block else len(text)
             ids = np.array(encode(text[:end]), np.uint16)   # V = 50,257 < 2^16: ids fit
             carry, done, n = text[end:], done + len(block), n + len(ids)
@@ -245,6 +246,4 @@ def fingerprint(*token_arrays):
 def val_batches(val, T):
     """The whole validation split as inputs and targets [N, T]: every token is predicted once."""
     n = (len(val) - 1) // T
-    x = val[:n * T].reshape(n, T).astype(np.int32)
-    y = val[1:n * T + 1].reshape(n, T).astype(np.int32)
-    return x, y
+    return tuple(val[i:n * T + i].reshape(n, T).astype(np.int32) for i in (0, 1))   # x, y

@@ -754,6 +754,7 @@ def bad_input(case, tmp_path):
         "magic": lambda: write_shard(t / "a.bin", ids, magic=12_345),
         "version": lambda: write_shard(t / "a.bin", ids, version=2),
         "count": lambda: write_shard(t / "a.bin", ids, count=3_007),
+        "empty": lambda: write_shard(t / "a.bin", []),
         "vocab": lambda: write_shard(t / "a.bin", np.r_[ids, 50_257]),
         "odd": lambda: (t / "a.bin").write_bytes(b"\0" * 1_001),
         "mixed": lambda: (write_shard(t / "a_0.bin", ids), ids.astype("<u2").tofile(t / "a_1.bin")),
@@ -769,6 +770,7 @@ def bad_input(case, tmp_path):
     ("magic", "has magic number 12345, not llm.c's 20240520"),
     ("version", "has version 2, not 1"),
     ("count", "says it holds 3,007 tokens, but its 7,024 bytes hold 3,000"),
+    ("empty", "a.bin says it holds 0 tokens."),
     ("vocab", "holds token id 50,257, not below the vocabulary's 50,257"),
     ("odd", "has 1,001 bytes, not a whole number of uint16 tokens"),
     ("mixed", "is an llm.c token file but"),
@@ -801,6 +803,34 @@ def test_an_id_beyond_the_vocabulary_outside_the_sample_stops_its_batch(tmp_path
         data.get_batch(train_tokens, step, 1, T, seed=0)
 
 
+@pytest.mark.parametrize("first", [0, 3])
+def test_a_run_stopped_by_an_id_beyond_the_vocabulary_keeps_the_steps_before_it(
+        tmp_path, capsys, first):
+    """train.main on big data with an id >= V between the sampled blocks, in the window of step
+    0 (or of the first step from 3 whose window is not all sampled): one sentence and exit 2
+    when that step's batches are read, and a checkpoint of the steps before it (the default
+    --ckpt-tokens would have kept step 0 only)."""
+    n, T = data.FULL_READ + 10_000, model.PRESETS["tiny"].T
+    path, val = sparse_tokens(tmp_path / "big.bin", n), tmp_path / "val.bin"
+    np.random.default_rng(0).integers(0, 50_257, 1_000).astype("<u2").tofile(val)
+    starts = np.linspace(0, n - data.BLOCK, data.SAMPLE_BLOCKS).astype(int)
+    order = data._window_order(n // (T + 1), 0, 0)
+    bad_step, bad = next((step, i) for step in range(first, 20)
+                         for i in range(order[step] * (T + 1), (order[step] + 1) * (T + 1))
+                         if not np.any((starts <= i) & (i < starts + data.BLOCK)))  # no block's
+    with open(path, "r+b") as f:
+        f.seek(2 * bad)
+        f.write(np.uint16(60_000).tobytes())
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(path), "--val-data", str(val), "--tokens", str(8 * T),
+                    "--steps-per-call", "1", "--sample", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"holds token id 60,000, not below the vocabulary's 50,257; {out}/ckpt.npz" in err
+    assert train.load_checkpoint(out / "ckpt.npz")[1]["step"] == bad_step
+
+
 def test_fingerprint_hashes_small_data_whole_and_big_data_by_sample(tmp_path):
     """The data identity: for the shipped corpus the sha256 of all its ids (as before token files,
     so older checkpoints resume); beyond FULL_READ the same for the same ids in one file or two
@@ -823,7 +853,8 @@ def test_fingerprint_hashes_small_data_whole_and_big_data_by_sample(tmp_path):
 def test_streaming_tokenization_equals_tokenizing_the_whole_text(tmp_path):
     """A 2.6 MB text tokenized in 64 KB chunks, each cut where no pre-token spans, gives the ids
     of tiktoken on the whole text (chunk edges fall mid-word, mid-character and in runs of
-    spaces and newlines); the token file written is then a token file for --data."""
+    spaces and newlines); the token file written is then a token file for --data. A text of
+    carriage returns only is cut too, so memory holds a chunk, not the text."""
     text = data.DEFAULT_TEXT.read_text() * 2 + "  naïve 日本語  \n\n \t x 🙂 we'll\r\n" * 5_000
     path = tmp_path / "big.txt"
     path.write_text(text)
@@ -834,6 +865,10 @@ def test_streaming_tokenization_equals_tokenizing_the_whole_text(tmp_path):
     np.testing.assert_array_equal(from_text[1], from_cache[1])
     np.testing.assert_array_equal(data.get_batch(from_text[0], 0, 8, 128, 0, steps=50),
                                   data.get_batch(from_cache[0], 0, 8, 128, 0, steps=50))
+    (tmp_path / "cr.txt").write_text("word\r" * 100_000)     # 500 KB, old Mac line ends only
+    chunks = list(data.stream_tokens(tmp_path / "cr.txt", chunk=65_536))
+    assert max(map(len, chunks)) < 30_000                      # a chunk's ids, not all 200,000
+    np.testing.assert_array_equal(np.concatenate(chunks), data.encode("word\r" * 100_000))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")

@@ -484,8 +484,8 @@ def main(argv=None):
     # a call's length: K, unless it would run past the next point where the loop must look
     length = lambda done: K if done + K <= min(n_steps, *(next_at(done, e) for e in looks)) else 1
     n = length(done)
-    xs = batches(done, n)
     try:
+        xs = batches(done, n)
         while done < n_steps:
             params, opt_state, stats = call(n)(params, opt_state, stats, np.int32(done), *xs,
                                                peak_lr)
@@ -525,8 +525,10 @@ def main(argv=None):
                 t_window += time.time() - t_pause
             if stop:
                 break
-    except data.DataError as e:   # a token id past the vocabulary, beyond what load checked
-        die(f"{e} {out}/ckpt.npz keeps the state of step {saved_step:,}.")
+    except data.DataError as e:   # an id past the vocabulary in the next batches (load checks
+        if not diverged(stats, params, done):     # a sample only): keep the steps done so far
+            saved_step = checkpoint(done)
+        die(f"{str(e).rstrip('.')}; {out}/ckpt.npz keeps the state of step {saved_step:,}.")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         log_file.close()
