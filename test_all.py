@@ -1,6 +1,6 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
-    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about 5 minutes on a 2-core CPU
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # 5 to 7 minutes on a 2-core CPU
 
 In sections by what they test: optimizers, bf16, half-lives and the schedule, the model, the
 tokenizer and data, training, checkpoints, then each program in experiments/.
