@@ -121,7 +121,7 @@ def open_shard(path):
     llm_c, fits = magic == SHARD_MAGIC, count > 0 and size == HEADER_BYTES + 2 * count
     for bad, why in [   # in this order; a header that fits the size but not llm.c's magic
             (llm_c and version != SHARD_VERSION, f"has version {version}, not {SHARD_VERSION}"),
-            (llm_c and count <= 0, f"says it holds {count:,} tokens"),
+            (llm_c and size == HEADER_BYTES, "holds no tokens after its header"),
             (llm_c and not fits, f"says it holds {count:,} tokens, but its {size:,} bytes hold "
              f"{(size - HEADER_BYTES) // 2:,}"),
             (not llm_c and fits, f"has magic number {magic}, not llm.c's {SHARD_MAGIC}"),

@@ -770,7 +770,7 @@ def bad_input(case, tmp_path):
     ("magic", "has magic number 12345, not llm.c's 20240520"),
     ("version", "has version 2, not 1"),
     ("count", "says it holds 3,007 tokens, but its 7,024 bytes hold 3,000"),
-    ("empty", "a.bin says it holds 0 tokens."),
+    ("empty", "a.bin holds no tokens after its header."),
     ("vocab", "holds token id 50,257, not below the vocabulary's 50,257"),
     ("odd", "has 1,001 bytes, not a whole number of uint16 tokens"),
     ("mixed", "is an llm.c token file but"),
