@@ -246,4 +246,4 @@ def fingerprint(*token_arrays):
 def val_batches(val, T):
     """The whole validation split as inputs and targets [N, T]: every token is predicted once."""
     n = (len(val) - 1) // T
-    return tuple(val[i:n * T + i].reshape(n, T).astype(np.int32) for i in (0, 1))   # x, y
+    return tuple(val[i:n * T + i].reshape(n, T).astype(np.int32) for i in (0, 1))  # x, then y

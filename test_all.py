@@ -659,6 +659,13 @@ def sparse_tokens(path, n, header=False):
     return path
 
 
+def put_id(path, at, token_id):
+    """Overwrite the id at position `at` of a bare uint16 token file, in place."""
+    with open(path, "r+b") as f:
+        f.seek(2 * at)
+        f.write(np.uint16(token_id).tobytes())
+
+
 def test_token_files_of_either_format_hold_the_ids_written(tmp_path):
     """An llm.c shard (its 1,024-byte header skipped) and nanoGPT's bare uint16 file both read
     back, memory-mapped, as exactly the ids written."""
@@ -792,9 +799,7 @@ def test_an_id_beyond_the_vocabulary_outside_the_sample_stops_its_batch(tmp_path
     path = sparse_tokens(tmp_path / "big.bin", n + data.MAX_VAL_TOKENS)
     starts = np.linspace(0, n - data.BLOCK, data.SAMPLE_BLOCKS).astype(int)
     bad = (starts[5] + starts[6]) // 2                      # far from both blocks
-    with open(path, "r+b") as f:
-        f.seek(2 * bad)
-        f.write(np.uint16(60_000).tobytes())
+    put_id(path, bad, 60_000)
     train_tokens, _ = data.load(str(path), T=T, batch=1)
     order = data._window_order(data.n_windows(train_tokens, T), 0, 0)
     step = int(np.flatnonzero(order == bad // (T + 1))[0])
@@ -818,9 +823,7 @@ def test_a_run_stopped_by_an_id_beyond_the_vocabulary_keeps_the_steps_before_it(
     bad_step, bad = next((step, i) for step in range(first, 20)
                          for i in range(order[step] * (T + 1), (order[step] + 1) * (T + 1))
                          if not np.any((starts <= i) & (i < starts + data.BLOCK)))  # no block's
-    with open(path, "r+b") as f:
-        f.seek(2 * bad)
-        f.write(np.uint16(60_000).tobytes())
+    put_id(path, bad, 60_000)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--data", str(path), "--val-data", str(val), "--tokens", str(8 * T),
@@ -844,8 +847,7 @@ def test_fingerprint_hashes_small_data_whole_and_big_data_by_sample(tmp_path):
         sparse_tokens(tmp_path / f"s_{i}.bin", n, header=True)
     two = data.open_tokens(str(tmp_path / "s_*.bin"), data.EOT + 1)
     assert data.fingerprint(one) == data.fingerprint(two)
-    with open(tmp_path / "one.bin", "r+b") as f:
-        f.write(np.uint16(7).tobytes())                     # the first id of the first block
+    put_id(tmp_path / "one.bin", 0, 7)                      # the first id of the first block
     one = data.open_tokens(str(tmp_path / "one.bin"), data.EOT + 1)
     assert data.fingerprint(one) != data.fingerprint(two)
 
