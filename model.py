@@ -91,6 +91,15 @@ def nbytes(tree):
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def flops_per_token(cfg):
+    """The model FLOPs of training on one token (PaLM's count, Appendix B): 6 N + 12 L T D, where
+    N = L (4 D² + 2 D F) + D V counts the block matrices and the output layer (the input
+    embedding is a lookup, no FLOPs), 6 = 2 forward + 4 backward per weight, and 12 L T D is the
+    attention's scores and weighted sum (2 T D each forward, at every position, times 3)."""
+    N = cfg.L * (4 * cfg.D ** 2 + 2 * cfg.D * cfg.F) + cfg.D * cfg.V
+    return 6 * N + 12 * cfg.L * cfg.T * cfg.D
+
+
 def rms_norm(x):
     """Scale-free RMSNorm: every vector is divided by its root mean square (no learned gain)."""
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)

@@ -9,7 +9,8 @@
 Each optimizer is an (init, update) pair of pure functions over a pytree of parameters, and
 each update rule is written one line per equation, in the paper's symbols. The arithmetic and
 the state are float32 whatever the parameters' dtype. To add one, write its function here and
-give it a line in train.py's OPTIMIZERS table.
+give it a line in the OPTIMIZERS table at the end of this file: train.py's --opt, defaults, β's
+and flag checks all follow from that table.
 """
 import math
 from typing import Callable, NamedTuple
@@ -248,3 +249,18 @@ def lr_at(step, n_steps, peak_lr, warmup_frac):
     ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0
     progress = jnp.clip((step - warmup) / (n_steps - warmup), 0.0, 1.0)
     return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+
+
+# -- the optimizers of train.py's --opt ---------------------------------------------------------
+#   lr     default peak learning rate, tuned at --batch 1 for the default model and corpus
+#          (docs/defaults.md); the paper's at GPT-2 scale: 0.2, 2.4e-3, 5e-3
+#   b1     default first-moment decay (momentum); None: the optimizer keeps no first moment
+#   t2     default second-moment half-life in tokens; None: it keeps no second moment. The paper
+#          holds it fixed in tokens (10M in its sweeps), so β2 follows the batch (Fig. 3, 4)
+#   decay  whether --weight-decay applies (the paper uses none at small batch)
+OPTIMIZERS = {
+    "sgd": dict(make=sgd, lr=0.7, b1=0.0, t2=None, decay=False),    # vanilla: no momentum
+    "adam": dict(make=adam, lr=5e-3, b1=0.9, t2=10e6, decay=True),
+    "adafactor": dict(make=adafactor, lr=5e-2, b1=None, t2=10e6, decay=False),
+    "muon": dict(make=muon, lr=0.04, b1=0.95, t2=10e6, decay=False),  # Adam for the embeddings
+}

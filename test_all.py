@@ -256,9 +256,9 @@ def test_muon_flags_reach_the_optimizer():
     """--adam-lr over --lr reaches muon as the embeddings' rate ratio, and --model's heads as its
     slices: the optimizer built from the flags updates like optim.muon built by hand, and unlike
     one with the ratio or the heads left at 1."""
-    args, _ = train.parse_args(train.make_parser(), ["--opt", "muon", "--model", "30m", "--lr",
-                                                     "0.02", "--adam-lr", "1e-3"])
-    opt, betas = train.make_optimizer(args, tokens_per_step=512)
+    args = train.settings(train.make_parser(), ["--opt", "muon", "--model", "30m", "--lr", "0.02",
+                                                "--adam-lr", "1e-3"])
+    opt, betas = train.make_optimizer(args, 512, heads=model.PRESETS["30m"].H)
     rng = np.random.default_rng(0)
     params = {n: jnp.asarray(rng.normal(size=s), jnp.float32) for n, s in
               [("embed", (8, 6)), ("blocks.0.wq", (6, 6)), ("blocks.0.wo", (6, 6))]}
@@ -347,16 +347,16 @@ def test_each_leaf_and_step_draws_fresh_noise():
 
 def test_bf16_parameters_save_and_load_exactly(tmp_path):
     """bf16 arrays are saved as float32 (np.savez alone would write opaque 2-byte void items),
-    which np.load reads back; unflatten casts them back to bf16 bit for bit."""
+    which np.load reads back; restore casts them back to bf16 bit for bit."""
     w = jax.random.normal(jax.random.key(0), (3, 5)).astype(jnp.bfloat16)
-    arrays = {"p.w": w, "p.v": np.arange(4, dtype=np.float32)}
+    arrays = {"params.w": w, "params.v": np.arange(4, dtype=np.float32)}
     train.save_arrays(tmp_path / "p.npz", arrays)
     loaded = dict(np.load(tmp_path / "p.npz"))
-    assert loaded["p.w"].dtype == np.float32 and loaded["p.v"].dtype == np.float32
-    back = train.unflatten(loaded, {"p": {"w": w, "v": arrays["p.v"]}})["p"]
+    assert loaded["params.w"].dtype == np.float32 and loaded["params.v"].dtype == np.float32
+    back = train.restore(loaded, {"params": {"w": w, "v": arrays["params.v"]}}, tmp_path)["params"]
     assert back["w"].dtype == jnp.bfloat16
     assert (np.asarray(back["w"]).view(np.uint16) == np.asarray(w).view(np.uint16)).all()
-    assert (np.asarray(back["v"]) == arrays["p.v"]).all()
+    assert (np.asarray(back["v"]) == arrays["params.v"]).all()
 
 
 def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
@@ -713,8 +713,8 @@ def test_val_data_is_the_validation_split_when_given(tmp_path, monkeypatch):
         seen.update(kwargs)
         raise data.DataError("stop")
     monkeypatch.setattr(data, "load", load)
-    with pytest.raises(SystemExit):
-        train.main(["--data", glob, "--val-data", val_path, "--out", str(tmp_path / "run")])
+    assert train.run_program(train.main, ["--data", glob, "--val-data", val_path,
+                                          "--out", str(tmp_path / "run")]) == 2
     assert seen["val_path"] == val_path and seen["vocab"] == model.PRESETS["tiny"].V
 
 
@@ -733,11 +733,10 @@ def test_resume_refuses_other_tokens_and_accepts_the_same_tokens_in_other_files(
     ids[::-1].astype("<u2").tofile(tmp_path / "other.bin")     # other tokens: the ids reversed
     for files, message in [("other.bin", "differ from those the checkpoint was trained on"),
                            ("s_*.bin", "does not hold the parameters")]:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(["--resume", "--out", str(tmp_path / "run"),
-                        "--data", str(tmp_path / files)])
+        status = train.run_program(train.main, ["--resume", "--out", str(tmp_path / "run"),
+                                                   "--data", str(tmp_path / files)])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+        assert status == 2 and message in err and err.count("\n") == 1
 
 
 def test_validation_split_is_capped_and_the_shipped_one_unchanged(tmp_path):
@@ -786,10 +785,10 @@ def bad_input(case, tmp_path):
 def test_bad_token_files_exit_2_with_one_sentence(case, message, tmp_path, capsys):
     """Each bad token file, glob or validation file stops the run before training: exit 2, one
     line naming the file and what is wrong with it."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(bad_input(case, tmp_path) + ["--out", "/dev/null/never-written"])
+    status = train.run_program(train.main, bad_input(case, tmp_path)
+                                  + ["--out", "/dev/null/never-written"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert status == 2 and message in err and err.count("\n") == 1
 
 
 def test_an_id_beyond_the_vocabulary_outside_the_sample_stops_its_batch(tmp_path):
@@ -825,11 +824,11 @@ def test_a_run_stopped_by_an_id_beyond_the_vocabulary_keeps_the_steps_before_it(
                          if not np.any((starts <= i) & (i < starts + data.BLOCK)))  # no block's
     put_id(path, bad, 60_000)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data", str(path), "--val-data", str(val), "--tokens", str(8 * T),
-                    "--steps-per-call", "1", "--sample", "0", "--out", str(out)])
+    status = train.run_program(train.main, ["--data", str(path), "--val-data", str(val),
+                                               "--tokens", str(8 * T), "--steps-per-call", "1",
+                                               "--sample", "0", "--out", str(out)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert status == 2 and err.count("\n") == 1
     assert f"holds token id 60,000, not below the vocabulary's 50,257; {out}/ckpt.npz" in err
     assert train.load_checkpoint(out / "ckpt.npz")[1]["step"] == bad_step
 
@@ -960,7 +959,7 @@ def test_calls_of_many_steps_equal_calls_of_one(opt_flags):
     """Eight steps as eight calls of one step, or as calls of 4, 2, 1 and 1 (a lax.scan of the
     same step) give the same parameters, optimizer state and loss sum bit for bit: for vanilla
     SGD, with gradient accumulation, and for Adam on bf16 weights with stochastic rounding."""
-    args, _ = train.parse_args(train.make_parser(), opt_flags)
+    args = train.settings(train.make_parser(), opt_flags)
     opt, _ = train.make_optimizer(args, args.batch * SMALL.T, heads=SMALL.H)
     tokens = np.random.default_rng(0).integers(0, SMALL.V, 5_000).astype(np.uint16)
     step_fn = train.make_multi_step(train.make_train_step(
@@ -1000,11 +999,11 @@ def test_model_flops_per_token_by_hand():
     """flops_per_token is 6 x (the parameters a token multiplies: all but the input embedding)
     plus 12 L T D for attention, counted from init_params' own matrices; for tiny, by hand:
     6 x (4 x (4 x 64² + 2 x 64 x 256) + 64 x 50,257) + 12 x 4 x 128 x 64 = 20,871,552."""
-    assert train.flops_per_token(model.PRESETS["tiny"]) == 20_871_552
+    assert model.flops_per_token(model.PRESETS["tiny"]) == 20_871_552
     for cfg in (SMALL, model.PRESETS["30m"]):
         shapes = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
         multiplied = sum(s.size for name, s in shapes.items() if name != "embed")
-        assert train.flops_per_token(cfg) == 6 * multiplied + 12 * cfg.L * cfg.T * cfg.D
+        assert model.flops_per_token(cfg) == 6 * multiplied + 12 * cfg.L * cfg.T * cfg.D
 
 
 def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
@@ -1020,8 +1019,8 @@ def test_adafactor_decay_flag_picks_the_schedule():
     corrected β2: make_optimizer's updates equal optim.adafactor's two forms, which differ."""
     params, grads = params_and_grads(shapes=((3, 5),))
     for flag, decay_power in [([], None), (["--adafactor-decay", "power"], 0.5)]:
-        flags = train.common_flags().parse_args(["--opt", "adafactor", "--b2", "0.5", *flag])
-        got = run_optimizer(train.make_optimizer(flags, 128)[0], params, grads, [0.1] * 3)
+        flags = train.settings(train.common_flags(), ["--opt", "adafactor", "--b2", "0.5", *flag])
+        got = run_optimizer(train.make_optimizer(flags, 128, heads=1)[0], params, grads, [0.1] * 3)
         want = run_optimizer(optim.adafactor(b2=0.5, decay_power=decay_power), params, grads,
                              [0.1] * 3)
         other = run_optimizer(optim.adafactor(b2=0.5, decay_power=0.5 if decay_power is None
@@ -1073,9 +1072,9 @@ def test_token_counts_read_like_people_write_them():
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     """Each mistake a user can make on the command line exits 2 with one line naming the flag."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--out", "/dev/null/never-written"] + argv)   # a later --out wins
-    assert exit_info.value.code == 2
+    status = train.run_program(train.main, ["--out", "/dev/null/never-written"] + argv)
+    # (a later --out wins)
+    assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -1093,10 +1092,9 @@ def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
 def test_experiments_refuse_flags_they_do_not_read(program, argv, message, capsys):
     """Each experiment names a flag it does not read, or a value it does not accept, in one
     sentence and exits 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        program.main(argv)
+    status = train.run_program(program.main, argv)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert status == 2 and message in err and err.count("\n") == 1
 
 
 def test_command_line_error_has_no_traceback():
@@ -1180,9 +1178,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
     and another seed (state, rounding key and run key all restored)."""
     train.main(run_flags(tmp_path) + flags + ["--out", str(tmp_path / "whole")])
     interrupt_at(19, monkeypatch)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(run_flags(tmp_path) + flags + ["--out", str(tmp_path / "cut")])
-    assert exit_info.value.code == 130
+    status = train.run_program(train.main, run_flags(tmp_path) + flags
+                                  + ["--out", str(tmp_path / "cut")])
+    assert status == 130
     assert max(e["step"] for e in events(tmp_path / "cut")) == 16       # the last log before it
     monkeypatch.undo()
     train.main(["--resume", "--out", str(tmp_path / "cut")])            # flags from the checkpoint
@@ -1197,8 +1195,7 @@ def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
     dropped on resume, so the log holds each step once."""
     interrupt_at(9, monkeypatch)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit):
-        train.main(run_flags(tmp_path) + ["--out", str(out)])
+    assert train.run_program(train.main, run_flags(tmp_path) + ["--out", str(out)]) == 130
     monkeypatch.undo()
     with (out / "log.jsonl").open("a") as log:                # as if it had run on, then crashed
         log.write(json.dumps({"step": 12, "tokens": 1536, "train_loss": 1.0}) + "\n")
@@ -1213,18 +1210,16 @@ def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys
     so is starting a new run over the unfinished one without --resume."""
     interrupt_at(2, monkeypatch)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit):
-        train.main(run_flags(tmp_path) + ["--out", str(out)])
+    assert train.run_program(train.main, run_flags(tmp_path) + ["--out", str(out)]) == 130
     capsys.readouterr()
     for flags, message in [
             (["--resume", "--opt", "adam"], "--opt adam differs from the checkpoint's sgd"),
             (["--resume", "--model", "30m"], "--model 30m differs from the checkpoint's tiny"),
             (run_flags(tmp_path), "holds an unfinished run (step 4 of 46); continue it with "
                                   "--resume")]:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(["--out", str(out)] + flags)
+        status = train.run_program(train.main, ["--out", str(out)] + flags)
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+        assert status == 2 and message in err and err.count("\n") == 1
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
@@ -1238,10 +1233,9 @@ def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
     for content, message in [(whole, "has format version 0; this train.py reads version 2"),
                              (whole[:len(whole) // 2], "is truncated or damaged")]:
         (out / "ckpt.npz").write_bytes(content)
-        with pytest.raises(SystemExit) as exit_info:
-            train.main(["--resume", "--out", str(out)])
+        status = train.run_program(train.main, ["--resume", "--out", str(out)])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+        assert status == 2 and message in err and err.count("\n") == 1
 
 
 def sample_of(printed):
@@ -1268,9 +1262,9 @@ def test_a_finished_run_samples_without_training(tmp_path, capsys):
                              "--sample", "24", "--prompt", "ROMEO:"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and sample_of(result.stdout) == at_end
-    with pytest.raises(SystemExit) as exit_info:       # training it further keeps its seed
-        train.main(["--resume", "--out", str(out), "--tokens", "1k", "--seed", "7"])
-    assert exit_info.value.code == 2 and "--seed 7 differs" in capsys.readouterr().err
+    status = train.run_program(train.main, ["--resume", "--out", str(out), "--tokens", "1k",
+                                               "--seed", "7"])  # training further keeps its seed
+    assert status == 2 and "--seed 7 differs" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 
@@ -1284,10 +1278,9 @@ def test_a_finished_run_is_not_replaced_by_other_settings(tmp_path, capsys):
     train.main(flags + ["--sample", "5"])           # the sample's flags change no result
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(flags + ["--lr", "0.1"])
+    status = train.run_program(train.main, flags + ["--lr", "0.1"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert status == 2 and err.count("\n") == 1
     assert "holds the results of a run with --lr 0.7, not 0.1; pass another --out" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
@@ -1439,9 +1432,8 @@ def test_toy_plot_writes_a_png(monkeypatch, tmp_path, capsys):
 def test_toy_plot_without_matplotlib_says_how_to_install(monkeypatch, capsys):
     """--plot without matplotlib exits 2 at once, with one line giving the pip command."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)      # `import matplotlib` now fails
-    with pytest.raises(SystemExit) as exit_info:
-        momentum_toy.main(["--plot", "toy.png"])
-    assert exit_info.value.code == 2
+    status = train.run_program(momentum_toy.main, ["--plot", "toy.png"])
+    assert status == 2
     assert capsys.readouterr() == ("", "error: --plot needs matplotlib: "
                                        "python -m pip install matplotlib\n")
 
@@ -1453,9 +1445,8 @@ def test_toy_plot_without_matplotlib_says_how_to_install(monkeypatch, capsys):
 ])
 def test_toy_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     """A mistake on momentum_toy's command line exits 2 with one line naming the flag."""
-    with pytest.raises(SystemExit) as exit_info:
-        momentum_toy.main(argv)
-    assert exit_info.value.code == 2
+    status = train.run_program(momentum_toy.main, argv)
+    assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -1505,13 +1496,11 @@ def test_resume_may_change_grad_accum_given_out(tmp_path, monkeypatch, capsys):
     flags = run_flags(tmp_path) + ["--batch", "4"]
     train.main(flags + ["--out", str(tmp_path / "whole")])
     interrupt_at(5, monkeypatch)
-    with pytest.raises(SystemExit):
-        train.main(flags + ["--out", str(tmp_path / "cut")])
+    assert train.run_program(train.main, flags + ["--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--resume", "--batch", "4", "--grad-accum", "4"])
-    assert exit_info.value.code == 2 and "needs --out" in capsys.readouterr().err
+    status = train.run_program(train.main, ["--resume", "--batch", "4", "--grad-accum", "4"])
+    assert status == 2 and "needs --out" in capsys.readouterr().err
     train.main(["--resume", "--grad-accum", "4", "--out", str(tmp_path / "cut")])
     whole, cut = (np.load(tmp_path / run / "params.npz") for run in ("whole", "cut"))
     for k in whole.files:
@@ -1601,10 +1590,9 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
             raise KeyboardInterrupt
         return train_lanes(*args, **kwargs)
     monkeypatch.setattr(batch_size_study, "train_lanes", interrupted_on_the_second_call)
-    with pytest.raises(SystemExit) as stop:
-        batch_size_study.main(argv)
+    stop = train.run_program(batch_size_study.main, argv)
     kept = json.loads((tmp_path / "study" / "study.json").read_text())["runs"]
-    assert stop.value.code == 130 and len(kept) == 4
+    assert stop == 130 and len(kept) == 4
     assert "keeps the 4 finished runs" in capsys.readouterr().err
     monkeypatch.setattr(batch_size_study, "train_lanes", train_lanes)
     batch_size_study.main(argv)
@@ -1628,9 +1616,8 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
     batch_size_study.main(argv)
     assert json.loads((tmp_path / "study" / "study.json").read_text())["cells"] == result["cells"]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        batch_size_study.main(argv + ["--seed", "1"])
-    assert stop.value.code == 2 and "holds a study with other settings" in capsys.readouterr().err
+    stop = train.run_program(batch_size_study.main, argv + ["--seed", "1"])
+    assert stop == 2 and "holds a study with other settings" in capsys.readouterr().err
     assert json.loads((tmp_path / "study" / "study.json").read_text())["runs"] == result["runs"]
 
 
@@ -1750,7 +1737,7 @@ def test_imports_are_star_shaped():
                                      momentum_toy])
 def test_each_experiment_has_help(program, capsys):
     """`python -m experiments.NAME --help` prints a usage line naming that command and exits 0."""
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:         # argparse's own exit after --help
         program.main(["--help"])
     name = program.__name__.split(".")[-1]
     assert exit_info.value.code == 0
@@ -1775,7 +1762,7 @@ def test_a_short_muon_run_learns(tmp_path, capsys):
                 "--log-tokens", "1k", "--sample", "0", "--out", str(out)])
     printed = capsys.readouterr().out
     n_embed, n_blocks = 2 * 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
-    assert (f"optimizer  muon: peak lr {train.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
+    assert (f"optimizer  muon: peak lr {optim.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
             "embeddings), b1 0.95") in printed
     assert f"optimizer state {4 * n_blocks + 8 * n_embed + 8:,} bytes (float32)" in printed
     losses = [e["train_loss"] for e in events(out) if "train_loss" in e]
@@ -1844,16 +1831,16 @@ def test_exercise_1_lion_is_one_function_and_one_table_entry(exercise, monkeypat
     state (4 bytes a parameter), is refused the flags of a second moment, moves every weight by
     exactly ±lr in a step (by hand), and beats vanilla SGD at 8k tokens (README: 6.24 vs 6.76 at
     66k; 6.91 vs 7.92 here)."""
-    monkeypatch.setitem(train.OPTIMIZERS, "lion", LION)
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", LION)
     lion_loss, _ = exercise("lion", "--opt", "lion")
     n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
     printed = capsys.readouterr().out
     assert "optimizer  lion: peak lr 0.002, b1 0.9 (half-life 842.1 tokens)" in printed
     assert f"optimizer state {4 * n_params:,} bytes (float32)" in printed
     assert exercise("sgd")[0] > lion_loss + 0.5
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--opt", "lion", "--t2", "1M", "--out", "/dev/null/x"])
-    assert exit_info.value.code == 2
+    status = train.run_program(train.main, ["--opt", "lion", "--t2", "1M",
+                                               "--out", "/dev/null/x"])
+    assert status == 2
     assert "--b2/--t2 do not apply to lion" in capsys.readouterr().err
     g, m = np.array([[0.3, -2.0, 1e-6]]), np.array([[-1.0, 1.0, 0.0]])   # sign(0.9 m + 0.1 g)
     updates, state = lion().update({"w": jnp.array(g)}, {"m": {"w": jnp.array(m)}}, None,
@@ -1881,8 +1868,8 @@ def test_exercise_3_the_half_life_rule_gives_beta2_by_hand():
     0.999991), follows the batch (B = 8: 0.5^(1024 / 10M)), and --b2 0.95 is taken as given, an
     average over about 1 / (1 − 0.95) = 20 steps whose half-life is 1,730 tokens."""
     def beta2(*flags):
-        args, _ = train.parse_args(train.make_parser(), ["--opt", "adam", *flags])
-        return train.make_optimizer(args, args.batch * 128)[1]["b2"]
+        args = train.settings(train.make_parser(), ["--opt", "adam", *flags])
+        return train.make_optimizer(args, args.batch * 128, heads=1)[1]["b2"]
     assert beta2() == pytest.approx(0.5 ** (128 / 10e6), abs=1e-15)
     assert f"{beta2():.6g}" == "0.999991"
     assert beta2("--batch", "8") == pytest.approx(0.5 ** (1024 / 10e6), abs=1e-15)

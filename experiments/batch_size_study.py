@@ -60,12 +60,13 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, g
         COMPILED[program] = train.compile_calls(   # lanes: one step, one batch, their own rates
             jax.vmap(step_fn, in_axes=(0, 0, 0, None, None, None, 0)),
             (params, opt_state, stats, np.int32(0), lrs), (batch, cfg.T), n_steps,
-            K=math.gcd(n_steps, 256))     # the study's K divides its steps: 256 to 4
-    call, K = COMPILED[program]
-    step_bytes, t0 = call(K).memory_analysis().temp_size_in_bytes, time.time()   # one step's
-    for step in range(0, n_steps, K):
-        xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=K)
-        params, opt_state, stats = call(K)(params, opt_state, stats, np.int32(step), *xs, lrs)
+            steps_per_call=math.gcd(n_steps, 256))   # it divides the study's steps: 256 to 4
+    call, per_call = COMPILED[program]
+    step_bytes, t0 = call(per_call).memory_analysis().temp_size_in_bytes, time.time()
+    for step in range(0, n_steps, per_call):
+        xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=per_call)
+        params, opt_state, stats = call(per_call)(params, opt_state, stats, np.int32(step), *xs,
+                                                  lrs)
     jax.block_until_ready(params)
     seconds, val_xy = time.time() - t0, map(jnp.asarray, data.val_batches(val_tokens, cfg.T))
     return [float(l) for l in evaluate_lanes(params, *val_xy, cfg)], seconds, step_bytes
@@ -104,9 +105,10 @@ def study_optimizer(setting, batch, cfg, t2):
     """(optimizer, β2) of one study row at one batch size: train.py's at its default flags but for
     β2 (adam's β1 0.9, sgd no momentum; muon's embeddings at adam-lr / lr of the lane's rate)."""
     name, b2, _ = STUDY_SETTINGS[setting]
-    flags = train.common_flags().parse_args(["--opt", name])
-    flags.b2 = optim.beta_from_halflife(t2, batch * cfg.T) if b2 == "t2" else b2
-    return train.make_optimizer(flags, batch * cfg.T, heads=cfg.H)[0], flags.b2
+    b2 = optim.beta_from_halflife(t2, batch * cfg.T) if b2 == "t2" else b2
+    flags = train.settings(train.common_flags(), ["--opt", name]
+                           + ([] if b2 is None else ["--b2", repr(b2)]))   # repr: exact
+    return train.make_optimizer(flags, batch * cfg.T, heads=cfg.H)[0], b2
 
 
 def main(argv=None):
@@ -127,8 +129,9 @@ def main(argv=None):
         train_tokens, val_tokens = data.compact_vocab(train_tokens, val_tokens, cfg.V)
     big_step = max(STUDY_BATCHES) * cfg.T       # every batch size divides the largest, so
     if budget < big_step:                       # a multiple of its step is the same for all
-        train.die(f"--tokens {budget:,} is less than one step at batch {max(STUDY_BATCHES)} "
-                  f"({big_step:,} tokens); the study needs at least that.")
+        raise train.UsageError(f"--tokens {budget:,} is less than one step at batch "
+                               f"{max(STUDY_BATCHES)} ({big_step:,} tokens); the study needs at "
+                               "least that.")
     budget -= budget % big_step
     t2 = optim.halflife_from_beta(0.95, max(STUDY_BATCHES) * cfg.T)
     config = {"model": dataclasses.asdict(cfg), "tokens": budget, "batches": STUDY_BATCHES,
@@ -140,12 +143,14 @@ def main(argv=None):
         path = out / "study.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
     except OSError as e:
-        train.die(f"--out {out} cannot be written ({e.strerror}).")
+        raise train.UsageError(f"--out {out} cannot be written ({e.strerror}).") from None
     except ValueError:
-        train.die(f"{out}/study.json is not a study's JSON file; pass another --out or remove it.")
+        raise train.UsageError(f"{out}/study.json is not a study's JSON file; pass another --out "
+                               "or remove it.") from None
     if previous.get("runs") and previous.get("config") != config:   # never overwrite a result
-        train.die(f"{out}/study.json holds a study with other settings (model, tokens, data or "
-                  "seed); pass another --out, or remove it to start over.")
+        raise train.UsageError(f"{out}/study.json holds a study with other settings (model, "
+                               "tokens, data or seed); pass another --out, or remove it to start "
+                               "over.")
     # runs of an earlier (interrupted or finished) study with the same settings are reused
     runs = previous.get("runs", [])
     done = {(r["setting"], r["batch"], r["grad_accum"], r["lr"]): r for r in runs}
@@ -184,12 +189,11 @@ def main(argv=None):
         print(study_markdown(result))
         plot_study(result, out / "study.png")
     except KeyboardInterrupt:
-        print(f"interrupted; {out}/study.json keeps the {len(runs)} finished runs; run the same "
-              "command again to go on from there", file=sys.stderr)
-        sys.exit(130)
+        raise KeyboardInterrupt(f"interrupted; {out}/study.json keeps the {len(runs)} finished "
+                                "runs; run the same command again to go on from there") from None
     except OSError as e:
-        train.die(f"--out {out} cannot be written ({e.strerror}); {out}/study.json keeps the "
-                  "finished runs.")
+        raise train.UsageError(f"--out {out} cannot be written ({e.strerror}); {out}/study.json "
+                               "keeps the finished runs.") from None
     print(f"wrote {out}/study.md and {out}/study.json in {result['seconds'] / 60:.1f} min")
 
 
@@ -342,9 +346,6 @@ def plot_study(result, path):
     print(f"wrote {path}")
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                 # outside the grid: study.json is whole
-        print("interrupted; run the same command again to go on from there", file=sys.stderr)
-        sys.exit(130)
+if __name__ == "__main__":     # outside the grid, Ctrl-C leaves study.json whole too
+    sys.exit(train.run_program(main, interrupted="interrupted; run the same command again to "
+                               "go on from there"))

@@ -19,6 +19,7 @@ import jax
 
 import data
 import model
+import optim
 import train
 
 WEIGHTS = {  # the name in the table: (folder suffix, train.py flags)
@@ -45,30 +46,28 @@ def run(opt, weights, args, tokens, data_hash):
     out = Path(args.out) / f"{opt}-{suffix}"
     flags = ["--batch", "1", "--opt", opt, *flags, "--data", args.data, "--seed", str(args.seed),
              "--tokens", str(tokens), "--sample", "0", "--out", str(out)]
-    want, _ = train.parse_args(train.make_parser(), flags)
+    want = train.settings(train.make_parser(), flags)    # with --lr and --rounding filled in
     cfg = model.PRESETS[want.model]
-    optimizer, _ = train.make_optimizer(want, cfg.T)     # also fills in --lr and --rounding
-    want.tokens = tokens // cfg.T * cfg.T
+    optimizer, _ = train.make_optimizer(want, cfg.T, cfg.H)
+    want = {**vars(want), "tokens": tokens // cfg.T * cfg.T}    # as train.py resolves it
     shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
-                                               want.param_dtype))
+                                               want["param_dtype"]))
     held = model.nbytes(shapes), model.nbytes(jax.eval_shape(optimizer.init, shapes))
     try:
         meta = train.load_checkpoint(out / "ckpt.npz")[1]
     except train.CKPT_ERRORS:
         meta = {}
-    if same_run(meta, vars(want), data_hash) and meta["step"] == meta["n_steps"] and (
+    if same_run(meta, want, data_hash) and meta["step"] == meta["n_steps"] and (
             out / "config.json").exists():
         print(f"reused     {out}: a finished run with these settings")
     else:
-        if meta and not same_run(meta, vars(want), data_hash):   # this experiment's own folder
+        if meta and not same_run(meta, want, data_hash):   # this experiment's own folder
             print(f"replacing  {out}: a run of other settings")
             (out / "ckpt.npz").unlink()
-        try:
-            train.main(["--resume", "--out", str(out)] if same_run(meta, vars(want), data_hash)
+        try:   # Ctrl-C inside it checkpoints the run, then reaches main's caller
+            train.main(["--resume", "--out", str(out)] if same_run(meta, want, data_hash)
                        else flags)
-        except SystemExit as e:
-            if e.code != 3:                   # 3: diverged, which is a result too
-                raise
+        except train.Diverged:                # a result too: the table says so
             return None, held
     return json.loads((out / "config.json").read_text()), held
 
@@ -86,7 +85,7 @@ def table(rows):
 def main(argv=None):
     p = train.Parser(prog="python -m experiments.bf16_rounding",
                      description=__doc__.split("\n\n")[0])
-    p.add_argument("--opt", nargs="+", choices=list(train.OPTIMIZERS),
+    p.add_argument("--opt", nargs="+", choices=list(optim.OPTIMIZERS),
                    default=["sgd", "adafactor", "adam"],
                    help="optimizers (default: sgd adafactor adam)")
     p.add_argument("--tokens", type=train.count, help="tokens per run (default: one pass)")
@@ -99,26 +98,16 @@ def main(argv=None):
     train_tokens, val_tokens = train.load_data(args, T, 1)
     data_hash = data.fingerprint(train_tokens, val_tokens)
     tokens = args.tokens or data.n_windows(train_tokens, T) * T     # train.py's default budget
-    rows = []
-    try:
-        for opt in args.opt:
-            for weights in WEIGHTS:
-                rows.append((opt, weights, *run(opt, weights, args, tokens, data_hash)))
-    except SystemExit as e:
-        if e.code == 130:                     # Ctrl-C inside a run: its checkpoint is written
-            print("interrupted; run the same command again to go on from there", file=sys.stderr)
-        raise
+    rows = [(opt, weights, *run(opt, weights, args, tokens, data_hash))
+            for opt in args.opt for weights in WEIGHTS]
     try:
         (Path(args.out) / "bf16.md").write_text(table(rows))
     except OSError as e:
-        train.die(f"--out {args.out} cannot be written ({e.strerror}).")
+        raise train.UsageError(f"--out {args.out} cannot be written ({e.strerror}).") from None
     print(f"\n{table(rows)}\nwrote {args.out}/bf16.md (time: each run's training and evaluation, "
           "without compilation)")
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                 # outside a run's loop: its checkpoint is whole
-        print("interrupted; run the same command again to go on from there", file=sys.stderr)
-        sys.exit(130)
+if __name__ == "__main__":     # Ctrl-C in a run or between runs: every checkpoint is whole
+    sys.exit(train.run_program(main, interrupted="interrupted; run the same command again to "
+                               "go on from there"))

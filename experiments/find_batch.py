@@ -42,11 +42,12 @@ def main(argv=None):
                           description=__doc__.split("\n\n")[0], parents=[train.common_flags()])
     parser.add_argument("--steps-per-call", type=int, help="steps per jitted call, K (default: "
                         "timed, as train.py does; 1: a call per step)")
-    args, _ = train.parse_args(parser, argv)
+    args = train.settings(parser, argv)
     cfg = train.model_config(args)
     if args.val_data:
-        train.die("--val-data does not apply to find_batch, which times training steps only.")
-    train.make_optimizer(args, cfg.T)                    # the flags' checks, before any work
+        raise train.UsageError("--val-data does not apply to find_batch, which times training "
+                               "steps only.")
+    train.make_optimizer(args, cfg.T, cfg.H)             # the β's checks, before any work
     train_tokens, _ = train.load_data(args, cfg.T, 1, cfg.V)
     key = jax.random.key(args.seed)
     device = jax.devices()[0]
@@ -57,10 +58,10 @@ def main(argv=None):
           f"{'GFLOP/s':>9}  memory")
     rows, batch = [], 1
     while batch <= data.n_windows(train_tokens, cfg.T):
-        opt, _ = train.make_optimizer(args, batch * cfg.T)
+        opt, _ = train.make_optimizer(args, batch * cfg.T, cfg.H)
         params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), args.param_dtype)
         state, stats = opt.init(params), train.new_stats()
-        lr = jnp.float32(args.lr or train.OPTIMIZERS[args.opt]["lr"])
+        lr = jnp.float32(args.lr)
         step_fn = train.make_train_step(cfg, opt, n_steps=1_000, warmup=0.05,
                                         rounding=args.rounding, key=jax.random.fold_in(key, 2))
         try:                       # train.py's calls of K steps, K timed as train.py times it
@@ -91,13 +92,14 @@ def main(argv=None):
                   "temporaries (XLA's estimate)")
         rows.append((batch, batch * cfg.T / seconds))
         print(f"{batch:>6} {batch * cfg.T:>12,} {K:>5} {seconds * 1e3:>9.2f} {rows[-1][1]:>10,.0f} "
-              f"{rows[-1][1] * train.flops_per_token(cfg) / 1e9:>9,.1f}  " + memory)
+              f"{rows[-1][1] * model.flops_per_token(cfg) / 1e9:>9,.1f}  " + memory)
         if throughput_stopped_rising([tok_s for _, tok_s in rows]):
             break
         batch *= 2
     if not rows:
-        train.die(f"batch 1 of --model {args.model} does not fit in {device.device_kind}'s "
-                  "memory; try a smaller --model or --param-dtype bfloat16.")
+        raise train.UsageError(f"batch 1 of --model {args.model} does not fit in "
+                               f"{device.device_kind}'s memory; try a smaller --model or "
+                               "--param-dtype bfloat16.")
     best = max(tok_s for _, tok_s in rows)
     print("share of the best throughput: " + ", ".join(f"B = {b} {tok_s / best:.0%}"
                                                        for b, tok_s in rows))
@@ -110,8 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(train.run_program(main, interrupted="interrupted"))

@@ -13,6 +13,7 @@ import sys
 import jax
 
 import model
+import optim
 import train
 
 PRESETS = ("30m", "gpt2", "gpt3xl")
@@ -29,9 +30,9 @@ def memory_rows():
                 lambda: model.cast(model.init_params(jax.random.key(0), cfg), dtype))
             row = {"model": name, "dtype": dtype, "params": sum(x.size for x in shapes.values()),
                    "weights": model.nbytes(shapes)}
-            for opt in train.OPTIMIZERS:    # each at its default flags (no shape depends on them)
-                flags = train.common_flags().parse_args(["--opt", opt, "--param-dtype", dtype])
-                optimizer, _ = train.make_optimizer(flags, tokens_per_step=cfg.T)
+            for opt in optim.OPTIMIZERS:    # each at its default flags (no shape depends on them)
+                flags = train.settings(train.common_flags(), ["--opt", opt, "--param-dtype", dtype])
+                optimizer, _ = train.make_optimizer(flags, cfg.T, cfg.H)
                 row[f"{opt} state"] = model.nbytes(jax.eval_shape(optimizer.init, shapes))
             row["accumulation buffer"] = model.nbytes(
                 jax.eval_shape(train.accumulation_buffer, shapes))
@@ -57,8 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(train.run_program(main, interrupted="interrupted"))

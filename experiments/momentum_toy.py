@@ -222,7 +222,7 @@ def main(argv=None):
         try:
             import matplotlib  # noqa: F401  (fail before the work, not after it)
         except ImportError:
-            train.die("--plot needs matplotlib: python -m pip install matplotlib")
+            raise train.UsageError("--plot needs matplotlib: python -m pip install matplotlib")
     print("The momentum toy problem (the paper's Appendix B): f(x, y) = x² + 10·y² from (-1, 1),")
     print("and a batch of size b gives the gradient g + σ·|g|·ε with σ = 1/√b and |g| per")
     print("coordinate (as in the paper's notebook utils/toy.ipynb). Each run is optim.sgd(b1=β):")
@@ -241,14 +241,10 @@ def main(argv=None):
         try:
             plot_toy(paths, rows, args.plot)
         except (OSError, ValueError) as e:                 # a missing folder, an unknown type
-            train.die(f"--plot {args.plot} cannot be written "
-                      f"({getattr(e, 'strerror', None) or e}).")
+            raise train.UsageError(f"--plot {args.plot} cannot be written "
+                                   f"({getattr(e, 'strerror', None) or e}).") from None
         print(f"\nwrote {args.plot}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                 # Ctrl-C: one line, not a traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(train.run_program(main, interrupted="interrupted"))
