@@ -32,6 +32,7 @@ import data
 import model
 import optim
 import train
+from docs import solutions
 from experiments import batch_size_study, bf16_rounding, find_batch, memory, momentum_toy
 
 HERE = Path(__file__).resolve().parent
@@ -353,7 +354,7 @@ def test_bf16_parameters_save_and_load_exactly(tmp_path):
     train.save_arrays(tmp_path / "p.npz", arrays)
     loaded = dict(np.load(tmp_path / "p.npz"))
     assert loaded["params.w"].dtype == np.float32 and loaded["params.v"].dtype == np.float32
-    back = train.restore(loaded, {"params": {"w": w, "v": arrays["params.v"]}}, tmp_path)["params"]
+    back = train.restore(loaded, {"params": {"w": w, "v": arrays["params.v"]}}, tmp_path)
     assert back["w"].dtype == jnp.bfloat16
     assert (np.asarray(back["w"]).view(np.uint16) == np.asarray(w).view(np.uint16)).all()
     assert (np.asarray(back["v"]) == arrays["params.v"]).all()
@@ -734,7 +735,7 @@ def test_resume_refuses_other_tokens_and_accepts_the_same_tokens_in_other_files(
     for files, message in [("other.bin", "differ from those the checkpoint was trained on"),
                            ("s_*.bin", "does not hold the parameters")]:
         status = train.run_program(train.main, ["--resume", "--out", str(tmp_path / "run"),
-                                                   "--data", str(tmp_path / files)])
+                                                "--data", str(tmp_path / files)])
         err = capsys.readouterr().err
         assert status == 2 and message in err and err.count("\n") == 1
 
@@ -786,7 +787,7 @@ def test_bad_token_files_exit_2_with_one_sentence(case, message, tmp_path, capsy
     """Each bad token file, glob or validation file stops the run before training: exit 2, one
     line naming the file and what is wrong with it."""
     status = train.run_program(train.main, bad_input(case, tmp_path)
-                                  + ["--out", "/dev/null/never-written"])
+                               + ["--out", "/dev/null/never-written"])
     err = capsys.readouterr().err
     assert status == 2 and message in err and err.count("\n") == 1
 
@@ -825,8 +826,8 @@ def test_a_run_stopped_by_an_id_beyond_the_vocabulary_keeps_the_steps_before_it(
     put_id(path, bad, 60_000)
     out = tmp_path / "run"
     status = train.run_program(train.main, ["--data", str(path), "--val-data", str(val),
-                                               "--tokens", str(8 * T), "--steps-per-call", "1",
-                                               "--sample", "0", "--out", str(out)])
+                                            "--tokens", str(8 * T), "--steps-per-call", "1",
+                                            "--sample", "0", "--out", str(out)])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert f"holds token id 60,000, not below the vocabulary's 50,257; {out}/ckpt.npz" in err
@@ -915,6 +916,29 @@ def test_each_optimizer_overfits_one_batch(name, opt, lr):
     for _ in range(100):
         params, state = step(params, state)
     assert float(loss_fn(params)) < 0.25
+
+
+def test_an_optimizer_whose_update_changes_its_state_is_named_before_compiling(tmp_path, capsys,
+                                                                            monkeypatch):
+    """An optimizer whose update returns a state its init does not make (a student's Lion that
+    adds a step count) is one sentence naming --opt, its function in optim.py and the array,
+    exit 2, before anything is compiled or written; optim.check passes the shipped four."""
+    def lion_with_a_count(b1=0.9):
+        lion = solutions.lion(b1)
+        def update(grads, state, params, lr):
+            return lion.update(grads, state, params, lr)[0], {**state, "t": jnp.int32(1)}
+        return optim.Optimizer(lion.init, update)
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", dict(solutions.LION, make=lion_with_a_count))
+    out = tmp_path / "run"
+    assert train.run_program(train.main, ["--opt", "lion", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --opt lion (lion_with_a_count in optim.py): its update returns "
+                          "a state its init does not make (state.t is int32[] after update, "
+                          "missing from init)") and err.count("\n") == 1 and not out.exists()
+    shapes = {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}
+    for opt in (optim.sgd(), optim.adam(), optim.adafactor(), optim.muon()):
+        assert jax.tree.structure(optim.check(opt, shapes)) == jax.tree.structure(
+            jax.eval_shape(opt.init, shapes))
 
 
 def small_corpus(tmp_path, chars=150_000):
@@ -1072,8 +1096,7 @@ def test_token_counts_read_like_people_write_them():
 ])
 def test_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     """Each mistake a user can make on the command line exits 2 with one line naming the flag."""
-    status = train.run_program(train.main, ["--out", "/dev/null/never-written"] + argv)
-    # (a later --out wins)
+    status = train.run_program(train.main, ["--out", "/dev/null/never-written"] + argv)  # or argv's
     assert status == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
@@ -1179,7 +1202,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
     train.main(run_flags(tmp_path) + flags + ["--out", str(tmp_path / "whole")])
     interrupt_at(19, monkeypatch)
     status = train.run_program(train.main, run_flags(tmp_path) + flags
-                                  + ["--out", str(tmp_path / "cut")])
+                               + ["--out", str(tmp_path / "cut")])
     assert status == 130
     assert max(e["step"] for e in events(tmp_path / "cut")) == 16       # the last log before it
     monkeypatch.undo()
@@ -1238,20 +1261,38 @@ def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
         assert status == 2 and message in err and err.count("\n") == 1
 
 
+def test_a_checkpoint_of_another_model_is_refused_not_used(exercise, monkeypatch, capsys):
+    """A checkpoint whose arrays are not exactly the model's is refused in one sentence naming
+    them (exit 2), for sampling and for resuming: an untied run sampled after exercise 2 ties
+    the embeddings holds params.unembed, which the tied model has no use for."""
+    _, out = exercise("sgd")                              # an untied run, finished
+    tie_embeddings(monkeypatch)
+    capsys.readouterr()
+    for more in (["--sample", "5"], ["--tokens", "9k"]):  # sample it, or train it further
+        assert train.run_program(train.main, ["--resume", "--out", str(out), *more]) == 2
+        err = capsys.readouterr().err
+        assert "does not hold the parameters and state of this model" in err, err
+        assert "params.unembed is [64, 50257] there, not used here" in err and err.count("\n") == 1
+    with pytest.raises(train.UsageError, match=r"params.unembed is missing there, \[2, 3\] here"):
+        train.restore({"params.embed": np.zeros((3, 2))},      # a tied run, an untied model
+                      {"params": {"embed": jnp.zeros((3, 2)), "unembed": jnp.zeros((2, 3))}}, out)
+
+
 def sample_of(printed):
     """The text after the sample's header line."""
     return printed.split(" ---\n", 1)[1]
 
 
-def test_a_finished_run_samples_without_training(tmp_path, capsys):
+def test_a_finished_run_samples_without_training(tmp_path, capsys, monkeypatch):
     """--resume on a finished run samples and exits 0, from any working directory, changing no
-    file: the run's own seed repeats the sample it printed at the end, --seed draws another (but
-    may not change when the run is trained further)."""
+    file and building no optimizer: the run's own seed repeats the sample it printed at the end,
+    --seed draws another (but may not change when the run is trained further)."""
     out = tmp_path / "run"
     flags = ["--data", str(small_corpus(tmp_path)), "--tokens", "512", "--out", str(out)]
     train.main(flags + ["--sample", "24", "--prompt", "ROMEO:"])
     at_end = sample_of(capsys.readouterr().out)
     files = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(train, "make_optimizer", lambda *a, **k: pytest.fail("an optimizer"))
     sample = lambda *extra: train.main(["--resume", "--out", str(out), "--sample", "24",
                                         "--prompt", "ROMEO:", *extra]) or sample_of(
         capsys.readouterr().out)
@@ -1262,8 +1303,9 @@ def test_a_finished_run_samples_without_training(tmp_path, capsys):
                              "--sample", "24", "--prompt", "ROMEO:"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and sample_of(result.stdout) == at_end
+    monkeypatch.undo()
     status = train.run_program(train.main, ["--resume", "--out", str(out), "--tokens", "1k",
-                                               "--seed", "7"])  # training further keeps its seed
+                                            "--seed", "7"])  # training further keeps its seed
     assert status == 2 and "--seed 7 differs" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
@@ -1666,7 +1708,7 @@ def test_find_batch_runs_on_this_device(tmp_path, monkeypatch, capsys):
     assert all(int(K) & (int(K) - 1) == 0 for _, _, K, _ in rows)      # K: a power of two
     best = max(int(s.replace(",", "")) for _, _, _, s in rows)
     shares = re.search(r"share of the best throughput: B = 1 (\d+)%", printed).group(1)
-    assert abs(int(shares) - 100 * int(rows[0][3].replace(",", "")) / best) <= 0.5 + 1e-9
+    assert abs(int(shares) - 100 * int(rows[0][3].replace(",", "")) / best) <= 0.51  # rounded
     assert f"recommended: --batch {pick}," in printed and pick in (1, 2, 4)
 
 
@@ -1748,7 +1790,7 @@ def test_shipped_files_cite_the_paper_not_the_team_notes():
     """No shipped file, this one included, cites the team's notes file (not in the repository)
     instead of the paper."""
     shipped = [*HERE.glob("*.py"), *HERE.glob("*.md"), *(HERE / "experiments").glob("*.py"),
-               HERE / "experiments" / "README.md"]
+               HERE / "experiments" / "README.md", *(HERE / "docs").glob("*.*")]
     notes = "PAPER" + ".md"                   # spelled in two pieces so this file does not cite it
     assert [p.name for p in shipped if notes in p.read_text()] == []
 
@@ -1769,45 +1811,12 @@ def test_a_short_muon_run_learns(tmp_path, capsys):
     assert losses[-1] < losses[0] - 2
 
 
-# -- exercises (README, "Exercises"): one solution each, and a test that its result holds ---------
-
-def lion(b1=0.9, b2=0.99):
-    """Exercise 1's solution, Lion (Chen et al., 2023): θ ← θ − lr·sign(β1·m + (1 − β1)·g), then
-    m ← β2·m + (1 − β2)·g. One sign per coordinate: every step moves each weight by exactly lr."""
-    def init(params):
-        return {"m": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)}
-
-    def update(grads, state, params, lr):
-        g = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        updates = jax.tree.map(lambda m, g: -lr * jnp.sign(b1 * m + (1 - b1) * g), state["m"], g)
-        m = jax.tree.map(lambda m, g: b2 * m + (1 - b2) * g, state["m"], g)
-        return updates, {"m": m}
-
-    return optim.Optimizer(init, update)
-
-
-LION = dict(make=lion, lr=2e-3, b1=0.9, t2=None, decay=False)   # its OPTIMIZERS entry
-
+# -- exercises (docs/exercises.md; solutions in docs/solutions.py): each result holds ---------
 
 def tie_embeddings(monkeypatch):
-    """Exercise 2's solution: no "unembed" in the parameters; the output layer is embed.T."""
-    init, forward = model.init_params, model.forward
-    monkeypatch.setattr(model, "init_params", lambda key, cfg: {
-        k: v for k, v in init(key, cfg).items() if k != "unembed"})
-    monkeypatch.setattr(model, "forward", lambda params, x, cfg, at=None: forward(
-        {**params, "unembed": params["embed"].T}, x, cfg, at))
-
-
-def heavy_ball(b1):
-    """Exercise 5's solution, PyTorch's momentum: m ← β·m + g, θ ← θ − lr·m."""
-    def init(params):
-        return {"m": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)}
-
-    def update(grads, state, params, lr):
-        m = jax.tree.map(lambda m, g: b1 * m + g, state["m"], grads)
-        return jax.tree.map(lambda m: -lr * m, m), {"m": m}
-
-    return optim.Optimizer(init, update)
+    """Exercise 2's solution in place: model.init_params and model.forward tied, for one test."""
+    monkeypatch.setattr(model, "init_params", solutions.tied_init_params)
+    monkeypatch.setattr(model, "forward", solutions.tied_forward)
 
 
 @pytest.fixture(scope="module")
@@ -1831,20 +1840,19 @@ def test_exercise_1_lion_is_one_function_and_one_table_entry(exercise, monkeypat
     state (4 bytes a parameter), is refused the flags of a second moment, moves every weight by
     exactly ±lr in a step (by hand), and beats vanilla SGD at 8k tokens (README: 6.24 vs 6.76 at
     66k; 6.91 vs 7.92 here)."""
-    monkeypatch.setitem(optim.OPTIMIZERS, "lion", LION)
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", solutions.LION)
     lion_loss, _ = exercise("lion", "--opt", "lion")
     n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
     printed = capsys.readouterr().out
     assert "optimizer  lion: peak lr 0.002, b1 0.9 (half-life 842.1 tokens)" in printed
     assert f"optimizer state {4 * n_params:,} bytes (float32)" in printed
     assert exercise("sgd")[0] > lion_loss + 0.5
-    status = train.run_program(train.main, ["--opt", "lion", "--t2", "1M",
-                                               "--out", "/dev/null/x"])
+    status = train.run_program(train.main, ["--opt", "lion", "--t2", "1M", "--out", "/dev/null/x"])
     assert status == 2
     assert "--b2/--t2 do not apply to lion" in capsys.readouterr().err
     g, m = np.array([[0.3, -2.0, 1e-6]]), np.array([[-1.0, 1.0, 0.0]])   # sign(0.9 m + 0.1 g)
-    updates, state = lion().update({"w": jnp.array(g)}, {"m": {"w": jnp.array(m)}}, None,
-                                   0.01)
+    updates, state = solutions.lion().update({"w": jnp.array(g)}, {"m": {"w": jnp.array(m)}},
+                                             None, 0.01)
     np.testing.assert_allclose(updates["w"], [[0.01, -0.01, -0.01]])
     np.testing.assert_allclose(state["m"]["w"], 0.99 * m + 0.01 * g, rtol=1e-6)
 
@@ -1899,7 +1907,7 @@ def test_exercise_5_heavy_ball_is_the_ema_form_at_lr_over_1_minus_beta(toy_panel
     batch and looks better at small batch (README: medians 0.0343 and 5.6e-05), and with each lr
     times 1 − β its four panels print exactly the EMA form's lines."""
     sgd = optim.sgd
-    monkeypatch.setattr(optim, "sgd", lambda b1=0.0: heavy_ball(b1) if b1 else sgd())
+    monkeypatch.setattr(optim, "sgd", lambda b1=0.0: solutions.heavy_ball(b1) if b1 else sgd())
     momentum_toy.toy_paths.clear_cache()            # its compiled EMA form would be reused
     try:
         momentum_toy.print_panels(momentum_toy.toy_panels())
@@ -1922,11 +1930,11 @@ def test_exercise_5_heavy_ball_is_the_ema_form_at_lr_over_1_minus_beta(toy_panel
 
 def test_exercise_6_the_sums_corpus_has_the_loss_floors_worked_by_hand(exercise, tmp_path,
                                                                        monkeypatch):
-    """The README's command writes all 10,000 sums a + b = c (a, b < 100), six GPT-2 tokens a
+    """docs/exercises.md's command writes all 10,000 sums a + b = c (a, b < 100), six GPT-2 tokens a
     line; its floors are 2 ln 100 / 6 = 1.535 (adding) and (2 ln 100 + H(c)) / 6 = 2.386, by
     numpy; one pass is 43,264 tokens; and 8k tokens of Adam beat its unigram entropy, 4.03."""
-    monkeypatch.setattr(data, "MIN_VAL_TOKENS", 16_384)   # the shipped floor, as in the README
-    readme = (HERE / "README.md").read_text()
+    monkeypatch.setattr(data, "MIN_VAL_TOKENS", 16_384)   # the shipped floor, as in the docs
+    readme = (HERE / "docs" / "exercises.md").read_text()
     command = re.search(r"```bash\n(python -c .*?> sums\.txt)\n", readme, re.S).group(1)
     subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
     lines = (tmp_path / "sums.txt").read_text().splitlines()

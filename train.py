@@ -5,13 +5,10 @@
     python train.py --resume --out out/tiny-sgd-b1 --sample 200 --prompt "ROMEO:"   # sample it
     python train.py --help                       # every flag, with its meaning and default
 
-Read it top to bottom: the settings a student tunes (the flags), the train step, then main and its
-training loop. After main, one fenced section each, the plumbing: checking and resolving the
-flags, printing them, timing the calls, the run folder and its log, the overwrite guard, the
-checkpoint's format, and the entry point. Writes <out>/log.jsonl (one JSON object per event),
-ckpt.npz (all a resume needs), params.npz and config.json. Exit status: 0 done, 2 a mistake in the
-flags or files, 3 diverged, 130 interrupted (Ctrl-C). The paper's other results are programs in
-experiments/ that import this file.
+Read it top to bottom: the settings a student tunes (the flags), the train step, main and its
+loop; then, one fenced section each, the plumbing. Writes <out>/log.jsonl (one JSON object per
+event), ckpt.npz (all a resume needs), params.npz and config.json. Exit status: 0 done, 2 a
+mistake in the flags or files, 3 diverged, 130 interrupted (Ctrl-C).
 """
 import argparse
 import dataclasses
@@ -93,8 +90,8 @@ def make_parser():
     add("--resume", action="store_true", help="continue the run in --out exactly from its "
         "checkpoint; on a finished run, sample from it")
     add("--steps-per-call", type=int, help="training steps per jitted call, a lax.scan (default: "
-        "timed at start, a call of up to about a second; 1: a call per step), at most the steps "
-        "between two logs, evaluations or checkpoints")
+        "timed, a call of up to about a second), at most the steps between two points where the "
+        "loop looks (logs, evaluations, checkpoints)")
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
@@ -214,7 +211,7 @@ def main(argv=None):
     if tokens is None:                # --resume of a finished run: a sample, and no optimizer
         print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
               f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
-        return print_sample(restore(ckpt, {"params": shapes}, out)["params"], cfg, s)
+        return print_sample(restore(ckpt, {"params": shapes}, out), cfg, s)
     train_tokens, val_tokens, data_hash = tokens
     n_steps, start = s.tokens // tokens_per_step, meta["step"] if s.resume else 0
     opt, betas = make_optimizer(s, tokens_per_step, heads=cfg.H)
@@ -224,9 +221,9 @@ def main(argv=None):
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
     if s.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
-        state = restore(ckpt, {"params": shapes, "opt_state": state_shapes}, out)
-        params, opt_state, key = state["params"], state["opt_state"], state["key"]
-        stats = {**new_stats(), "loss_sum": state["loss_sum"]}
+        params, opt_state, key, loss_sum = restore(ckpt, {"params": shapes,
+                                                          "opt_state": state_shapes}, out)
+        stats = {**new_stats(), "loss_sum": loss_sum}
         print(f"resume     from {out}/ckpt.npz at step {start:,} ({fmt_tokens(meta['tokens'])} "
               "tokens)")
     else:
@@ -266,11 +263,10 @@ def main(argv=None):
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
-        save_checkpoint(out, params, opt_state, stats, key, {
-            "version": CKPT_VERSION, "args": vars(s), "step": done, "n_steps": n_steps,
-            "tokens": done * tokens_per_step, "window_start": window_start,
-            "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
-            "val_loss": val_loss, "data_sha256": data_hash})
+        save_checkpoint(out, params, opt_state, stats["loss_sum"], key, {
+            "args": vars(s), "step": done, "n_steps": n_steps, "tokens": done * tokens_per_step,
+            "window_start": window_start, "window_s": time.time() - t_window,
+            "elapsed_s": time.time() - t_start, "val_loss": val_loss, "data_sha256": data_hash})
 
     # -- the loop --------------------------------------------------------------------------
     # Calls of per_call steps, and of 1 for the last few before a point where the loop must
@@ -336,8 +332,7 @@ def print_sample(params, cfg, s):
 
 
 def save_results(out, params, s, cfg, betas, n_steps, done, val_loss, elapsed_s):
-    """params.npz (the parameters by name, for np.load) and config.json (the run's settings,
-    shape, β's, steps, final validation loss and the versions that produced it)."""
+    """params.npz, by name for np.load, and config.json: the settings, β's, steps, final loss."""
     save_arrays(out / "params.npz", params)
     (out / "config.json").write_text(json.dumps({
         "model": dataclasses.asdict(cfg), "args": vars(s), "b1": betas.get("b1"),
@@ -348,7 +343,7 @@ def save_results(out, params, s, cfg, betas, n_steps, done, val_loss, elapsed_s)
     print(f"saved {out}/ckpt.npz, {out}/params.npz and {out}/config.json")
 
 
-# -- the loop's control: where it must look, how long a call is ---------------------------------
+# -- the loop's control: where it must look, how long a call is, Ctrl-C, divergence -------------
 
 def next_point(done, every, tokens_per_step):
     """The first step after `done` at which the tokens trained reach a multiple of `every`."""
@@ -362,15 +357,13 @@ def is_due(done, every, n_steps, tokens_per_step):
 
 
 def call_length(done, per_call, n_steps, every, tokens_per_step):
-    """The next call's steps: per_call, unless they would run past a point where the loop must
-    look (a log, an evaluation, a checkpoint, the end); then 1."""
+    """per_call steps, or 1 where those would run past a point where the loop must look."""
     end = min(n_steps, *(next_point(done, e, tokens_per_step) for e in every))
     return per_call if done + per_call <= end else 1
 
 
 def catch_ctrl_c():
-    """(an Event the first Ctrl-C sets, the previous handler): the loop stops after its call;
-    a second Ctrl-C raises KeyboardInterrupt at once, through the previous handler."""
+    """(an Event that Ctrl-C sets, the previous handler, which a second Ctrl-C then reaches)."""
     requested, previous = threading.Event(), signal.getsignal(signal.SIGINT)
 
     def on_sigint(*_):
@@ -392,7 +385,7 @@ def all_finite(tree):
     return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-# -- checking the flags ------------------------------------------------------------------------
+# -- checking and resolving the flags, once -----------------------------------------------------
 
 class UsageError(Exception):
     """A mistake the user can fix, its message one sentence; the programs exit 2 with it."""
@@ -458,9 +451,8 @@ def parse_args(parser, argv=None):
 
 
 def fill_run_defaults(args):
-    """The flags not given get the defaults that depend on the run: --lr from its optimizer's
-    table entry, the matmuls in the parameters' dtype, and the flags that apply to some runs
-    only, where they apply (args is the parsed flags, not yet Settings)."""
+    """Fill in the defaults that depend on the run (args: the parsed flags): --lr from the
+    optimizer's table, the matmuls in the parameters' dtype, and flags that apply to some runs."""
     for name, value in dict(
             lr=optim.OPTIMIZERS[args.opt]["lr"], compute_dtype=args.param_dtype,
             rounding="stochastic" if args.param_dtype == "bfloat16" else None,  # nearest: Fig. 9
@@ -488,8 +480,7 @@ def check_flags(args):
 
 
 class Settings(argparse.Namespace):
-    """A run's settings: every flag, resolved once (flags, the checkpoint's, the run's defaults)
-    and read-only afterwards."""
+    """Every flag of a run, resolved once, and read-only afterwards."""
     def __init__(self, **flags):
         vars(self).update(flags)
 
@@ -498,8 +489,7 @@ class Settings(argparse.Namespace):
 
 
 def settings(parser, argv=None):
-    """The checked flags of a program that trains no run folder of its own (experiments/), with
-    the defaults that depend on the run filled in."""
+    """The checked flags, with the defaults that depend on the run, of experiments/' programs."""
     args, _ = parse_args(parser, argv)
     fill_run_defaults(args)
     check_flags(args)
@@ -507,16 +497,17 @@ def settings(parser, argv=None):
 
 
 def resolve(argv):
-    """(settings, the model's config, the checkpoint's arrays and meta, and (train tokens,
-    validation tokens, their fingerprint), or None for --resume of a finished run, which only
-    samples). The settings come from the flags, then with --resume the checkpoint's, then the
-    defaults that depend on the run; every mistake in them or in the files is found here."""
+    """(settings, config, the checkpoint's arrays and meta, and (train tokens, validation tokens,
+    their fingerprint), or None to sample a finished run): the flags, then the checkpoint's, then
+    the defaults that depend on the run. Every mistake in the flags or files is found here."""
     args, given = parse_args(make_parser(), argv)
     fill_run_defaults(args)                    # before the folder is named after them
-    out = Path(args.out or default_folder(args))
+    accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
+    bf16 = f"-bf16-{args.rounding}" if args.param_dtype == "bfloat16" else ""
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}")
     ckpt, meta = open_run(out, args, given)    # with --resume, the checkpoint's flags replace
     check_flags(args)
-    cfg = model_config(args)
+    cfg = dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype)
     if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:
         return Settings(**{**vars(args), "out": str(out)}), cfg, ckpt, meta, None   # a sample
     if args.batch % args.grad_accum:
@@ -544,14 +535,8 @@ def resolve(argv):
     return s, cfg, ckpt, meta, (train_tokens, val_tokens, data_hash)
 
 
-def model_config(s):
-    """--model's shape, its matrix multiplies in --compute-dtype."""
-    return dataclasses.replace(model.PRESETS[s.model], dtype=s.compute_dtype)
-
-
 def load_data(args, T, batch, vocab=data.EOT + 1):
-    """data.load of --data (and --val-data, where the program has it): (train, val) tokens; a
-    data file that cannot be used is a UsageError."""
+    """data.load of --data and --val-data (where the program has it); a bad file: UsageError."""
     try:
         return data.load(args.data, T, batch, val_path=getattr(args, "val_data", None),
                          vocab=vocab)
@@ -560,25 +545,16 @@ def load_data(args, T, batch, vocab=data.EOT + 1):
 
 
 def check_optimizer(opt, shapes, name):
-    """The shapes of the optimizer's state (jax.eval_shape: nothing is allocated), once its
-    update is seen to return the arrays its init makes: a mistake in optim.py is one sentence
-    naming the optimizer, not a failure deep inside the compiled scan of steps."""
-    state = jax.eval_shape(opt.init, shapes)
-    lr = jax.ShapeDtypeStruct((), jnp.float32)
-    new_state = jax.eval_shape(opt.update, shapes, state, shapes, lr)[1]
-    made, returned = (describe(flatten({"opt_state": x})) for x in (state, new_state))
-    differ = [f"{n} is {returned.get(n, 'missing')} after update, {made.get(n, 'missing')} "
-              f"from init" for n in sorted(made.keys() | returned.keys())
-              if made.get(n) != returned.get(n)]
-    if differ or jax.tree.structure(state) != jax.tree.structure(new_state):
-        raise UsageError(f"--opt {name} ({optim.OPTIMIZERS[name]['make'].__name__} in optim.py) "
-                         "returns from its update a state its init does not make ("
-                         + ("; ".join(differ[:3]) or "other containers") + "); the two must "
-                         "hold the same arrays.")
-    return state
+    """The shapes of the optimizer's state, once optim.check has seen that its update returns
+    the arrays its init makes (a mistake in a new optimizer, named before any compilation)."""
+    try:
+        return optim.check(opt, shapes)
+    except ValueError as e:
+        raise UsageError(f"--opt {name} ({optim.OPTIMIZERS[name]['make'].__name__} in optim.py): "
+                         f"{e}; the two must hold the same arrays.") from None
 
 
-# -- printing what was resolved, once ------------------------------------------------------------
+# -- printing: the settings once, then the log ---------------------------------------------------
 
 def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens):
     """Every derived quantity, once: the command that repeats the run, the model, the data, the
@@ -626,7 +602,8 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
 def log_progress(log_file, s, cfg, done, n_steps, loss_sum, window_steps, window_s, elapsed_s):
     """The logging window's event and line: its mean training loss, the learning rate of the
     last step, tokens/s, model FLOP/s and MFU (on a listed device), the time left."""
-    tokens_per_step, flops, peak = s.batch * cfg.T, model.flops_per_token(cfg), peak_flops()
+    tokens_per_step, flops = s.batch * cfg.T, model.flops_per_token(cfg)
+    peak = next((f for kind, f in PEAK_FLOPS.items() if kind in jax.devices()[0].device_kind), None)
     train_loss, tok_per_s = loss_sum / window_steps, window_steps * tokens_per_step / window_s
     lr = float(optim.lr_at(done - 1, n_steps, s.lr, s.warmup))
     mfu = {"mfu": tok_per_s * flops / peak} if peak else {}
@@ -636,6 +613,12 @@ def log_progress(log_file, s, cfg, done, n_steps, loss_sum, window_steps, window
           f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_per_s:,.0f} tok/s | "
           f"{tok_per_s * flops / 1e9:,.1f} GFLOP/s" + (f" ({mfu['mfu']:.1%} MFU)" if peak else "")
           + f" | eta {(n_steps - done) * tokens_per_step / tok_per_s / 60:.1f} min")
+
+
+# Dense bf16 peak FLOP/s by a part of jax's device_kind, for the MFU in the log (against the bf16
+# peak even for float32 compute, as usual); elsewhere FLOP/s only. "v5 lite" before "v5".
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6": 918e12}
 
 
 def log_divergence(log_file, s, cfg, bad, n_steps, out, saved_step):
@@ -648,24 +631,23 @@ def log_divergence(log_file, s, cfg, bad, n_steps, out, saved_step):
             "would repeat this).")
 
 
+def log_event(log_file, **event):
+    log_file.write(json.dumps(event) + "\n")      # line-buffered: one write, one whole line
+
+
 def fmt_tokens(n):
     """1234567 -> '1.235M': token counts as people say them."""
     return next((f"{n / scale:.4g}{unit}" for scale, unit in [(1e9, "B"), (1e6, "M"), (1e3, "k")]
                  if n >= scale), f"{n:.4g}")
 
 
-def log_event(log_file, **event):
-    log_file.write(json.dumps(event) + "\n")      # line-buffered: one write, one whole line
-
-
-# -- steps per call: compiled ahead of time, timed at start; FLOP/s and MFU ----------------------
+# -- calls of many steps: compiled ahead of time, their length timed at start -------------------
 
 def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=None):
-    """(call, steps_per_call): call(n) is make_multi_step(step_fn) compiled for calls of n steps,
-    for arguments (params, opt_state, stats, step, peak_lr) and batches [B, T] of batch_shape.
-    Compiled ahead of time, once per length, when first asked for: fixed shapes and the step
-    number as an array mean nothing recompiles; params, state and stats are donated, so they
-    are updated in place. steps_per_call: the given one, at most sync_every, or timed."""
+    """(call, steps_per_call): call(n) is make_multi_step(step_fn) for n steps, compiled ahead of
+    time once per n, for arguments (params, opt_state, stats, step, peak_lr) and batches [B, T]
+    of batch_shape: nothing recompiles (fixed shapes, the step an array); params, state and stats
+    are donated, updated in place. steps_per_call: the given one (at most sync_every), or timed."""
     def batches(n):                                   # the shape of a call's batches
         return np.zeros((n, *batch_shape), np.int32)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), arguments)
@@ -681,10 +663,9 @@ def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=No
 
 
 def default_steps_per_call(step_fn, arguments, sync_every, seconds=2.0):
-    """The largest power of two n such that n one-step calls run in `seconds` (in one call of n
-    they run up to twice as fast: a call lasts about a second at most) and that is at most the
-    steps between two points where the loop must look. Times the compiled one-step call step_fn
-    on copies of the state it donates (params, opt_state, stats)."""
+    """The largest power of two n, at most sync_every, such that n one-step calls (step_fn, timed
+    on copies of the state it donates) run in `seconds`: in one call of n steps they run up to
+    twice as fast, so a call lasts about a second at most."""
     for _ in range(2):     # the first call warms up
         copies = jax.block_until_ready(jax.tree.map(jnp.copy, arguments[:3]))
         t0 = time.time()
@@ -693,33 +674,12 @@ def default_steps_per_call(step_fn, arguments, sync_every, seconds=2.0):
     return 2 ** int(math.log2(n))
 
 
-# Dense bfloat16 peak FLOP/s of common accelerators, by a part of jax's device_kind, for the MFU
-# the log shows (against the bf16 peak even for float32 compute, the usual convention). On a
-# CPU, or a chip not listed, the log shows FLOP/s only. First match wins: "v5 lite" before "v5".
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L4": 121e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6": 918e12}
-
-
-def peak_flops():
-    """This device's peak FLOP/s from PEAK_FLOPS, or None where it is not listed."""
-    return next((f for kind, f in PEAK_FLOPS.items() if kind in jax.devices()[0].device_kind),
-                None)
-
-
-# -- the run folder: its name, resume, the log, the overwrite guard ------------------------------
-
-def default_folder(args):
-    """out/<model>-<opt>-b<batch>, plus -accum<N> and -bf16-<rounding> where they apply."""
-    accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
-    bf16 = f"-bf16-{args.rounding}" if args.param_dtype == "bfloat16" else ""
-    return f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}"
-
+# -- the run folder: resume, the overwrite guard, the log ---------------------------------------
 
 def open_run(out, args, given):
-    """(the checkpoint's arrays, its meta) in the folder out. With --resume the checkpoint must
-    be whole and of this format, and its flags replace args' (those given must agree, or be
-    ones that may change); without, the arrays are None and meta (None if there is no readable
-    checkpoint) says whether the folder may be reused."""
+    """(the checkpoint's arrays, its meta) in out. With --resume the checkpoint must be whole and
+    of this format, and its flags replace args' (a flag given must agree, or be one that may
+    change); without, the arrays are None and meta (if readable) guards the folder."""
     path = out / "ckpt.npz"
     if args.resume and "grad_accum" in given and not args.out:
         raise UsageError("--resume with --grad-accum needs --out naming the run's folder: the "
@@ -797,11 +757,11 @@ CKPT_VERSION = 2       # the layout of ckpt.npz; bump it when the layout changes
 CKPT_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)  # a file unreadable
 
 
-def save_checkpoint(out, params, opt_state, stats, key, meta):
+def save_checkpoint(out, params, opt_state, loss_sum, key, meta):
     save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
-                                   "loss_sum": stats["loss_sum"],
-                                   "key": jax.random.key_data(key),
-                                   "meta": np.array(json.dumps(meta))})
+                                   "loss_sum": loss_sum, "key": jax.random.key_data(key),
+                                   "meta": np.array(json.dumps({"version": CKPT_VERSION,
+                                                                **meta}))})
 
 
 def save_arrays(path, arrays):
@@ -829,40 +789,32 @@ def flatten(tree):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def describe(arrays):
-    """{name: "float32[64, 97]"}: each array's dtype and shape, as a message names them."""
-    return {name: f"{jnp.dtype(a.dtype).name}{list(a.shape)}" for name, a in arrays.items()}
-
-
 def restore(ckpt, template, out):
-    """The pytree shaped like template ({"params": shapes} to sample, and "opt_state" to resume),
-    its leaves read from the checkpoint's arrays by name and cast to the template's dtype (exact
-    for bf16), plus the run's key and loss sum when resuming. A checkpoint whose arrays are not
-    exactly the template's (one missing, one too many, another shape) is refused: it belongs to
-    another model or optimizer."""
+    """The template ({"params": shapes}, and "opt_state" to resume) filled from the checkpoint's
+    arrays by name, in its dtypes (exact for bf16): params, or to resume (params, opt_state, key,
+    loss_sum). Arrays not exactly the template's (missing, extra, other shapes) are refused."""
     names = flatten(template)
     stored = {n: a for n, a in ckpt.items() if n.split(".")[0] in template}
-    want, have = ({n: list(a.shape) for n, a in x.items()} for x in (names, stored))  # bf16 is
+    want, have = ({n: list(a.shape) for n, a in x.items()} for x in (names, stored))
     differ = [f"{n} is {have.get(n, 'missing')} there, {want.get(n, 'not used')} here"
-              for n in sorted(want.keys() | have.keys()) if want.get(n) != have.get(n)]
+              for n in sorted(want | have) if want.get(n) != have.get(n)]
     if differ or ("opt_state" in template and not {"loss_sum", "key"} <= set(ckpt)):
         raise UsageError(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of "
                          "this model and optimizer (" + ("; ".join(differ[:3]) or "no key") + ").")
     state = jax.tree.unflatten(jax.tree.structure(template),
                                [jnp.asarray(stored[n], t.dtype) for n, t in names.items()])
-    if "opt_state" in template:
-        state.update(key=jax.random.wrap_key_data(ckpt["key"]),
-                     loss_sum=jnp.asarray(ckpt["loss_sum"]))
-    return state
+    if "opt_state" not in template:
+        return state["params"]
+    return (state["params"], state["opt_state"], jax.random.wrap_key_data(ckpt["key"]),
+            jnp.asarray(ckpt["loss_sum"]))
 
 
 # -- the entry point: a mistake is one sentence and an exit status, never a traceback -----------
 
 def run_program(main, argv=None, interrupted="interrupted; the files written before it "
                 "(checkpoints, logs) are whole"):
-    """main(argv) as a program: returns the exit status. 0 done; a UsageError's sentence on
-    stderr and its status (2, or 3 for divergence); Ctrl-C's message (main's, or `interrupted`)
-    and 130. experiments/ end with it too."""
+    """main(argv) as a program (experiments/ too), returning the exit status: 0; a UsageError's
+    sentence on stderr and its status, 2 or 3; after Ctrl-C, main's message or `interrupted`, 130."""
     try:
         main(argv)
         return 0

@@ -13,6 +13,7 @@ of the best tokens/s. Memory: the device's peak bytes in use on a GPU; on a CPU,
 report it, XLA's estimate of the call's temporaries. Last, it prints each B's share of the best
 throughput: the utilization B = 1 loses here, against the paper's 30-70 % (TPU v4).
 """
+import dataclasses
 import math
 import sys
 import time
@@ -43,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--steps-per-call", type=int, help="steps per jitted call, K (default: "
                         "timed, as train.py does; 1: a call per step)")
     args = train.settings(parser, argv)
-    cfg = train.model_config(args)
+    cfg = dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype)
     if args.val_data:
         raise train.UsageError("--val-data does not apply to find_batch, which times training "
                                "steps only.")
