@@ -7,13 +7,11 @@ tokenizer and data, training, checkpoints, then each program in experiments/.
 """
 import atexit
 import dataclasses
-import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
+import functools
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -22,6 +20,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Each run of train.main compiles its step anew (a new closure); runs of the same shapes compile
+# the same program, so a compilation cache for this session makes the repeats cheap. Set in the
+# environment before JAX is imported, so that the programs the tests start share it too.
+CACHE = tempfile.mkdtemp(prefix="jax-cache-")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +42,6 @@ from docs import solutions
 from experiments import batch_size_study, bf16_rounding, find_batch, memory, momentum_toy
 
 HERE = Path(__file__).resolve().parent
-# Each run of train.main compiles its step anew (a new closure); runs of the same shapes compile
-# the same program, so a compilation cache for this session makes the repeats cheap.
-CACHE = tempfile.mkdtemp(prefix="jax-cache-")
-atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 SMALL = model.Config(V=97, D=32, L=2, H=2, T=16)  # a model small enough for a test to train
 
 
@@ -369,8 +369,8 @@ def test_bf16_stochastic_run_learns_and_repeats(tmp_path, capsys, monkeypatch):
     round_bf16 = optim.stochastic_round_bf16
     monkeypatch.setattr(optim, "stochastic_round_bf16", lambda *a: calls.append(1) or round_bf16(*a))
     for run in ["a", "b"]:
-        train.main(["--param-dtype", "bfloat16", "--data", str(corpus), "--tokens", "6k",
-                    "--log-tokens", "1k", "--eval-tokens", "6k", "--sample", "0",
+        train.main(["--param-dtype", "bfloat16", "--data", str(corpus), "--tokens", "3k",
+                    "--log-tokens", "1k", "--eval-tokens", "3k", "--sample", "0",
                     "--steps-per-call", "4", "--out", str(tmp_path / run)])
         logs.append([json.loads(line) for line in (tmp_path / run / "log.jsonl").open()])
     n_params = sum(p.size for p in jax.eval_shape(
@@ -1008,14 +1008,16 @@ def test_calls_of_many_steps_equal_calls_of_one(opt_flags):
 def test_default_steps_per_call_is_a_timed_power_of_two():
     """The default K is the largest power of two whose K one-step calls take at most 2 s, and at
     most the steps between two points where the loop looks: a 0.1 s step gives 16 (20 fit), or
-    8 when the loop looks every 10 steps; it runs the step on copies, never on the state."""
+    8 when the loop looks every 10 steps, and 1 where one step takes longer than the budget
+    (0.6 s against 0.5 s); it runs the step on copies, never on the state."""
     state = (jnp.ones(3), jnp.ones(2), {"loss_sum": jnp.float32(0)})
     def slow_step(params, opt_state, stats, *rest):
         time.sleep(0.1)
         return params.at[0].set(-1.0), opt_state, stats
     assert train.default_steps_per_call(slow_step, (*state, 0), sync_every=1_000) == 16
     assert train.default_steps_per_call(slow_step, (*state, 0), sync_every=10) == 8
-    assert train.default_steps_per_call(lambda *a: time.sleep(3) or a[:3], (*state, 0), 99) == 1
+    assert train.default_steps_per_call(lambda *a: time.sleep(0.6) or a[:3], (*state, 0), 99,
+                                        seconds=0.5) == 1
     assert float(state[0][0]) == 1.0
 
 
@@ -1165,6 +1167,17 @@ def test_readme_model_table_matches_the_presets():
 
 # -- checkpoints, resume, divergence (runs that survive) ----------------------------------------
 
+@pytest.fixture
+def narrow():
+    """The default preset `tiny` at a quarter of its width with one block, for the tests of the
+    loop's mechanics (resume, the guards), which hold at any width: the same vocabulary and T,
+    so the same token counts and steps, at about half the time (its own patch, which a test's
+    monkeypatch.undo() leaves in place)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"], D=16, L=1))
+        yield
+
+
 def run_flags(tmp_path):
     """A short run on the small corpus that logs, evaluates and checkpoints several times, in
     calls of 4 steps (a fixed length, not the timed default, so where a Ctrl-C stops is known)."""
@@ -1194,7 +1207,8 @@ def interrupt_at(step, monkeypatch):
 
 
 @pytest.mark.parametrize("flags", [[], ["--opt", "adam", "--param-dtype", "bfloat16", "--seed", "3"]])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, flags):
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, flags,
+                                                                   narrow):
     """Ctrl-C at step 20 (mid logging window, between checkpoints), then --resume: the log's
     losses, learning rates and steps and the final parameters equal the uninterrupted run's,
     bit for bit; for vanilla SGD (no state) and for Adam with bf16 weights, stochastic rounding
@@ -1213,7 +1227,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
                for k in whole.files)
 
 
-def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
+def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch, narrow):
     """Events a crashed run logged after its last checkpoint, and a line it cut short, are
     dropped on resume, so the log holds each step once."""
     interrupt_at(9, monkeypatch)
@@ -1228,7 +1242,7 @@ def test_resume_drops_log_events_after_the_checkpoint(tmp_path, monkeypatch):
     assert steps == [8, 15] and 1.0 not in [e.get("train_loss") for e in events(out)]
 
 
-def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys):
+def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys, narrow):
     """Resuming with a different --opt or --model than the checkpoint's is one sentence, exit 2;
     so is starting a new run over the unfinished one without --resume."""
     interrupt_at(2, monkeypatch)
@@ -1310,7 +1324,7 @@ def test_a_finished_run_samples_without_training(tmp_path, capsys, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 
-def test_a_finished_run_is_not_replaced_by_other_settings(tmp_path, capsys):
+def test_a_finished_run_is_not_replaced_by_other_settings(tmp_path, capsys, narrow):
     """Rerunning a finished run's command may replace it (same flags, same results); a run of
     other flags into its folder is refused in one sentence and changes no file."""
     out = tmp_path / "run"
@@ -1357,7 +1371,7 @@ def test_divergence_stops_the_run_and_keeps_a_good_checkpoint(tmp_path):
     assert all(np.isfinite(v).all() for k, v in saved.items() if k.startswith("params."))
 
 
-def test_a_different_seed_gives_different_losses(tmp_path):
+def test_a_different_seed_gives_different_losses(tmp_path, narrow):
     """The seed is the only source of randomness: seeds 0 and 1 log different training losses
     (and the bf16 test above shows that one seed gives the same losses twice)."""
     losses = []
@@ -1510,7 +1524,7 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(grad_accum):
         np.testing.assert_allclose(grads[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def test_a_run_with_accumulation_ends_with_the_same_parameters(tmp_path, capsys):
+def test_a_run_with_accumulation_ends_with_the_same_parameters(tmp_path, capsys, narrow):
     """SGD at --batch 4 for 12 steps, then again with --grad-accum 4: the same losses and final
     parameters to float32 tolerance; the second reports its float32 buffer, 4 bytes a parameter.
     (SGD, because Adam turns a gradient entry near 0 into a step of ±lr whatever its size, so the
@@ -1521,7 +1535,7 @@ def test_a_run_with_accumulation_ends_with_the_same_parameters(tmp_path, capsys)
     capsys.readouterr()
     train.main(flags + ["--grad-accum", "4", "--out", str(tmp_path / "accum")])
     printed = capsys.readouterr().out
-    n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
+    n_params = 2 * 50_257 * 16 + 1 * 12 * 16 * 16      # the narrow preset, counted by hand
     assert f"accumulation buffer {4 * n_params:,} bytes (float32; 4 micro-batches of 1)" in printed
     plain, accum = (np.load(tmp_path / run / "params.npz") for run in ("plain", "accum"))
     for k in plain.files:
@@ -1531,7 +1545,7 @@ def test_a_run_with_accumulation_ends_with_the_same_parameters(tmp_path, capsys)
     np.testing.assert_allclose(losses[0], losses[1], atol=1e-4)
 
 
-def test_resume_may_change_grad_accum_given_out(tmp_path, monkeypatch, capsys):
+def test_resume_may_change_grad_accum_given_out(tmp_path, monkeypatch, capsys, narrow):
     """An SGD run at --batch 4 interrupted at step 5 and resumed with --grad-accum 4 ends with
     the uninterrupted run's parameters to float32 tolerance; without --out that resume is refused
     (exit 2), since the default folder's name depends on --grad-accum."""
@@ -1695,8 +1709,12 @@ def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_perce
 
 def test_find_batch_runs_on_this_device(tmp_path, monkeypatch, capsys):
     """find_batch times train.py's calls of K steps at B = 1, 2, 4, ..., prints tokens/s per B,
-    B = 1's share of the best, and recommends one of the batch sizes it timed."""
+    B = 1's share of the best, and recommends one of the batch sizes it timed (timing 0.2 s per
+    B, and K steps of at most 0.1 s, here: the rule, not the measurement, is under test)."""
     monkeypatch.setitem(model.PRESETS, "tiny", SMALL)
+    monkeypatch.setattr(find_batch, "TIMED_SECONDS", 0.2)
+    monkeypatch.setattr(train, "default_steps_per_call",
+                        functools.partial(train.default_steps_per_call, seconds=0.1))
     monkeypatch.setattr(find_batch, "throughput_stopped_rising", lambda tok_s: len(tok_s) == 3)
     ids = tmp_path / "ids.bin"       # nanoGPT's bare uint16, in SMALL's vocabulary of 97
     np.random.default_rng(0).integers(0, SMALL.V, 20_000).astype(np.uint16).tofile(ids)
@@ -1712,7 +1730,8 @@ def test_find_batch_runs_on_this_device(tmp_path, monkeypatch, capsys):
     assert f"recommended: --batch {pick}," in printed and pick in (1, 2, 4)
 
 
-def test_bf16_rounding_trains_its_grid_and_reuses_finished_runs(tmp_path, monkeypatch, capsys):
+def test_bf16_rounding_trains_its_grid_and_reuses_finished_runs(tmp_path, monkeypatch, capsys,
+                                                                narrow):
     """experiments.bf16_rounding trains float32, bf16-nearest and bf16-stochastic runs of
     train.py and tabulates their bytes and final losses: each loss is its run's config.json's,
     the float32 run's equals a plain `train.py` run with the same flags, bf16 halves the bytes
@@ -1722,7 +1741,7 @@ def test_bf16_rounding_trains_its_grid_and_reuses_finished_runs(tmp_path, monkey
     bf16_rounding.main(argv)
     rows = [line.split(" | ") for line in (out / "bf16.md").read_text().splitlines()[2:]]
     assert [r[1] for r in rows] == ["float32", "bf16, nearest", "bf16, stochastic"]
-    n = 2 * 50_257 * 64 + 4 * 12 * 64 * 64                 # the tiny preset, counted by hand
+    n = 2 * 50_257 * 16 + 1 * 12 * 16 * 16                 # the narrow preset, counted by hand
     assert [r[2] for r in rows] == [f"{4 * n:,} + 0", f"{2 * n:,} + 0", f"{2 * n:,} + 0"]
     for row, folder in zip(rows, ["sgd-float32", "sgd-bf16-nearest", "sgd-bf16-stochastic"]):
         config = json.loads((out / folder / "config.json").read_text())

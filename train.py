@@ -42,9 +42,9 @@ def common_flags():
     add, table = p.add_argument, optim.OPTIMIZERS
     add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
     add("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="a UTF-8 text, or .bin token "
-        "files (llm.c shards or nanoGPT's), one or a quoted glob (default: shipped Shakespeare)")
-    add("--val-data", help="validation tokens from these files (text, .bin or glob; the first "
-        f"{data.MAX_VAL_TOKENS:,}); default: the last 10 %% of --data, at most that many")
+        "files (llm.c's or nanoGPT's), one or a quoted glob (default: shipped Shakespeare)")
+    add("--val-data", help="validation tokens, from a text or .bin files (default: the last 10 %% "
+        f"of --data); the first {data.MAX_VAL_TOKENS:,} at most")
     add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
     add("--opt", choices=list(table), default="sgd", help="optimizer (%(default)s)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
@@ -52,22 +52,21 @@ def common_flags():
     add("--adam-lr", type=float, help="muon only: the peak learning rate of its Adam for the "
         f"embeddings (default adam's, {table['adam']['lr']:g})")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
-    b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0, "
-                    "muon 0.95)")
+    b1.add_argument("--b1", type=float, help="β1: adam 0.9, momentum: sgd 0, muon 0.95")
     b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
     b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor, muon)")
-    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
-                    "(default 10M, the paper's: β2 then follows the batch size)")
-    add("--weight-decay", type=float, default=0.0,
-        help="decoupled weight decay, adam only (%(default)s, as the paper at small batch)")
+    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens (default 10M, the "
+                    "paper's: β2 follows the batch size)")
+    add("--weight-decay", type=float, default=0.0, help="adam's decoupled weight decay (0, as the "
+        "paper at small batch)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
         "--t2/--b2 (the paper's; default), or the official code's β2_t = 1 − t^(−β2)")
     add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
         help="the parameters' dtype (%(default)s); optimizer state and math stay float32")
     add("--compute-dtype", choices=["float32", "bfloat16"], help="the dtype the matrix "
         "multiplies take (default the parameters'); activations, norms and the loss stay float32")
-    add("--rounding", choices=["nearest", "stochastic"],
-        help="how bfloat16 parameters are rounded (default stochastic, Fig. 9)")
+    add("--rounding", choices=["nearest", "stochastic"], help="how bfloat16 parameters are rounded "
+        "(default stochastic, Fig. 9)")
     return p
 
 
@@ -90,8 +89,7 @@ def make_parser():
     add("--resume", action="store_true", help="continue the run in --out exactly from its "
         "checkpoint; on a finished run, sample from it")
     add("--steps-per-call", type=int, help="training steps per jitted call, a lax.scan (default: "
-        "timed, a call of up to about a second), at most the steps between two points where the "
-        "loop looks (logs, evaluations, checkpoints)")
+        "timed, a call of about a second at most; at most the steps between two logs)")
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
@@ -131,13 +129,9 @@ def accumulation_buffer(params):
 
 
 def gradients(params, x, y, cfg, grad_accum=1):
-    """(mean loss, gradient) of the batch x, y [B, T].
-
-    With grad_accum > 1 the batch is split into that many micro-batches of B / grad_accum
-    sequences, run one after another; their gradients are summed into accumulation_buffer and
-    divided by grad_accum: the full batch's gradient in that many times less activation memory,
-    for a parameter-sized buffer and no other gain (the paper's point).
-    """
+    """(mean loss, gradient) of the batch x, y [B, T]. With grad_accum > 1: that many micro-batches
+    run one after another, their gradients summed into accumulation_buffer: the same gradient in
+    less activation memory, for a parameter-sized buffer and no other gain (the paper's point)."""
     if grad_accum == 1:
         return jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
 
@@ -154,13 +148,9 @@ def gradients(params, x, y, cfg, grad_accum=1):
 
 
 def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None):
-    """The training step, a pure function to jit:
-    (params, opt_state, stats, step, x, y, peak_lr) -> (params, opt_state, stats).
-
-    stats = {"loss_sum": the training loss summed since the last log, "bad_step": the first step
-    whose loss was not finite, or -1}; both stay on device until they are read. peak_lr is an
-    argument, not a constant, so that the batch-size study can jax.vmap one step over rates.
-    """
+    """The step to jit: (params, opt_state, stats, step, x, y, peak_lr) -> (params, opt_state,
+    stats). stats: the loss summed since the last log, and the first step whose loss was not
+    finite (or -1), on device until read. peak_lr is an array: the study vmaps over rates."""
     def train_step(params, opt_state, stats, step, x, y, peak_lr):
         loss, grads = gradients(params, x, y, cfg, grad_accum)
         lr = optim.lr_at(step, n_steps, peak_lr, warmup)
@@ -263,10 +253,13 @@ def main(argv=None):
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
-        save_checkpoint(out, params, opt_state, stats["loss_sum"], key, {
-            "args": vars(s), "step": done, "n_steps": n_steps, "tokens": done * tokens_per_step,
-            "window_start": window_start, "window_s": time.time() - t_window,
-            "elapsed_s": time.time() - t_start, "val_loss": val_loss, "data_sha256": data_hash})
+        meta = {"version": CKPT_VERSION, "args": vars(s), "step": done, "n_steps": n_steps,
+                "tokens": done * tokens_per_step, "window_start": window_start,
+                "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
+                "val_loss": val_loss, "data_sha256": data_hash}
+        save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
+                                       "loss_sum": stats["loss_sum"], "key": jax.random.key_data(
+                                           key), "meta": np.array(json.dumps(meta))})
 
     # -- the loop --------------------------------------------------------------------------
     # Calls of per_call steps, and of 1 for the last few before a point where the loop must
@@ -345,21 +338,21 @@ def save_results(out, params, s, cfg, betas, n_steps, done, val_loss, elapsed_s)
 
 # -- the loop's control: where it must look, how long a call is, Ctrl-C, divergence -------------
 
-def next_point(done, every, tokens_per_step):
-    """The first step after `done` at which the tokens trained reach a multiple of `every`."""
-    tokens = (done * tokens_per_step // every + 1) * every
-    return -(-tokens // tokens_per_step)                  # the step that reaches it: rounded up
+def crosses(first, last, every, tokens_per_step):
+    """Whether the tokens trained reach a multiple of `every` after step `first`, by step `last`."""
+    return last * tokens_per_step // every > first * tokens_per_step // every
 
 
 def is_due(done, every, n_steps, tokens_per_step):
-    """Whether step `done` is a point where the loop looks every `every` tokens, or the last."""
-    return done == n_steps or next_point(done - 1, every, tokens_per_step) == done
+    """Whether the loop looks after step `done`: `every` tokens since it last did, or the end."""
+    return done == n_steps or crosses(done - 1, done, every, tokens_per_step)
 
 
 def call_length(done, per_call, n_steps, every, tokens_per_step):
-    """per_call steps, or 1 where those would run past a point where the loop must look."""
-    end = min(n_steps, *(next_point(done, e, tokens_per_step) for e in every))
-    return per_call if done + per_call <= end else 1
+    """per_call steps, or 1 where those would pass a point where the loop must look."""
+    last = done + per_call                                # the call's last step
+    passes = any(crosses(done, last - 1, e, tokens_per_step) for e in every) or last > n_steps
+    return 1 if passes else per_call
 
 
 def catch_ctrl_c():
@@ -374,7 +367,7 @@ def catch_ctrl_c():
 
 
 def diverged(stats, params, done):
-    """0, or the step by which the loss or the parameters stopped being finite (a host sync). A
+    """0, or the step by which the loss or the parameters stopped being finite (a host sync); a
     non-finite gradient is caught too: it makes the parameters non-finite, then the loss."""
     bad = int(stats["bad_step"])
     return bad + 1 if bad >= 0 else 0 if all_finite(params) else done
@@ -430,10 +423,8 @@ ACCEPTS = dict(   # checked in this order
     prompt=("a text of at least one character", lambda v: len(v) > 0))
 # The flags that change no result, only the sample or the speed: a rerun may change them.
 NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call")
-# The flags --resume lets change: the budget, where it logs, the data files' paths
-# (data.fingerprint checks that both splits' tokens are the same), --grad-accum (the same
-# gradient, split otherwise) and NO_RESULT_FLAGS; on a finished run also --seed, which then
-# picks the sample. No other flag.
+# What --resume lets change: the budget, where it logs, the data's paths (data.fingerprint checks
+# the tokens), --grad-accum (the same gradient, split otherwise); on a finished run also --seed.
 MAY_CHANGE_ON_RESUME = ("tokens", "data", "val_data", "grad_accum", "log_tokens", "eval_tokens",
                         "ckpt_tokens") + NO_RESULT_FLAGS
 
@@ -451,8 +442,8 @@ def parse_args(parser, argv=None):
 
 
 def fill_run_defaults(args):
-    """Fill in the defaults that depend on the run (args: the parsed flags): --lr from the
-    optimizer's table, the matmuls in the parameters' dtype, and flags that apply to some runs."""
+    """The defaults that depend on the run, for the flags not given: --lr from the optimizer's
+    table, the matmuls in the parameters' dtype, and flags that apply to some runs only."""
     for name, value in dict(
             lr=optim.OPTIMIZERS[args.opt]["lr"], compute_dtype=args.param_dtype,
             rounding="stochastic" if args.param_dtype == "bfloat16" else None,  # nearest: Fig. 9
@@ -545,8 +536,8 @@ def load_data(args, T, batch, vocab=data.EOT + 1):
 
 
 def check_optimizer(opt, shapes, name):
-    """The shapes of the optimizer's state, once optim.check has seen that its update returns
-    the arrays its init makes (a mistake in a new optimizer, named before any compilation)."""
+    """The optimizer's state shapes, once optim.check has seen that its update returns the arrays
+    its init makes: a mistake in a new optimizer, named before anything is compiled."""
     try:
         return optim.check(opt, shapes)
     except ValueError as e:
@@ -600,8 +591,8 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
 
 
 def log_progress(log_file, s, cfg, done, n_steps, loss_sum, window_steps, window_s, elapsed_s):
-    """The logging window's event and line: its mean training loss, the learning rate of the
-    last step, tokens/s, model FLOP/s and MFU (on a listed device), the time left."""
+    """A logging window's event and line: its mean training loss, the last step's learning rate,
+    tokens/s, model FLOP/s and MFU (on a device in PEAK_FLOPS), the time left."""
     tokens_per_step, flops = s.batch * cfg.T, model.flops_per_token(cfg)
     peak = next((f for kind, f in PEAK_FLOPS.items() if kind in jax.devices()[0].device_kind), None)
     train_loss, tok_per_s = loss_sum / window_steps, window_steps * tokens_per_step / window_s
@@ -757,13 +748,6 @@ CKPT_VERSION = 2       # the layout of ckpt.npz; bump it when the layout changes
 CKPT_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)  # a file unreadable
 
 
-def save_checkpoint(out, params, opt_state, loss_sum, key, meta):
-    save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
-                                   "loss_sum": loss_sum, "key": jax.random.key_data(key),
-                                   "meta": np.array(json.dumps({"version": CKPT_VERSION,
-                                                                **meta}))})
-
-
 def save_arrays(path, arrays):
     """Save {name: array} to an .npz atomically: a temporary file, flushed to disk, then renamed.
     numpy has no bfloat16, so bf16 arrays are stored as float32, which holds each value exactly."""
@@ -813,8 +797,8 @@ def restore(ckpt, template, out):
 
 def run_program(main, argv=None, interrupted="interrupted; the files written before it "
                 "(checkpoints, logs) are whole"):
-    """main(argv) as a program (experiments/ too), returning the exit status: 0; a UsageError's
-    sentence on stderr and its status, 2 or 3; after Ctrl-C, main's message or `interrupted`, 130."""
+    """main(argv) as a program (experiments/ too), returning its exit status: 0; a UsageError's
+    sentence on stderr and its status, 2 or 3; Ctrl-C's message (main's, or `interrupted`), 130."""
     try:
         main(argv)
         return 0

@@ -26,6 +26,8 @@ import data
 import model
 import train
 
+TIMED_SECONDS = 2.0      # each batch size's calls are timed for at least this long
+
 
 def throughput_stopped_rising(tok_s):
     """True once two doublings of B in a row gained less than 5 % over the best before them."""
@@ -75,7 +77,7 @@ def main(argv=None):
             t0 = time.time()       # a call with a host sync, to size the timed run
             params, state, stats = jax.block_until_ready(call(params, state, stats,
                                                               np.int32(K), *xs, lr))
-            n = max(3, math.ceil(2.0 / (time.time() - t0)))
+            n = max(3, math.ceil(TIMED_SECONDS / (time.time() - t0)))
             t0 = time.time()
             for i in range(2, n + 2):   # the same batches: timing only, no host sync inside
                 params, state, stats = call(params, state, stats, np.int32(i * K), *xs, lr)
