@@ -61,12 +61,11 @@ def train_lanes(cfg, opt, lrs, batch, n_steps, train_tokens, val_tokens, seed, g
             jax.vmap(step_fn, in_axes=(0, 0, 0, None, None, None, 0)),
             (params, opt_state, stats, np.int32(0), lrs), (batch, cfg.T), n_steps,
             steps_per_call=math.gcd(n_steps, 256))   # it divides the study's steps: 256 to 4
-    call, per_call = COMPILED[program]
-    step_bytes, t0 = call(per_call).memory_analysis().temp_size_in_bytes, time.time()
-    for step in range(0, n_steps, per_call):
-        xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=per_call)
-        params, opt_state, stats = call(per_call)(params, opt_state, stats, np.int32(step), *xs,
-                                                  lrs)
+    call, n = COMPILED[program]                   # calls of n steps each
+    step_bytes, t0 = call(n).memory_analysis().temp_size_in_bytes, time.time()   # one call's
+    for step in range(0, n_steps, n):
+        xs = data.get_batch(train_tokens, step, batch, cfg.T, seed, steps=n)
+        params, opt_state, stats = call(n)(params, opt_state, stats, np.int32(step), *xs, lrs)
     jax.block_until_ready(params)
     seconds, val_xy = time.time() - t0, map(jnp.asarray, data.val_batches(val_tokens, cfg.T))
     return [float(l) for l in evaluate_lanes(params, *val_xy, cfg)], seconds, step_bytes
