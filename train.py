@@ -194,15 +194,15 @@ def evaluate(params, x, y, cfg):
 # -- main: set up, then the training loop -------------------------------------------------------
 
 def main(argv=None):
-    s, cfg, ckpt, meta, tokens = resolve(argv)   # the flags, the checkpoint's, then the defaults
+    s, cfg, ckpt, meta, splits = resolve(argv)   # the flags, the checkpoint's, then the defaults
     out, tokens_per_step = Path(s.out), s.batch * cfg.T
     shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
                                                s.param_dtype))
-    if tokens is None:                # --resume of a finished run: a sample, and no optimizer
+    if splits is None:                # --resume of a finished run: a sample, and no optimizer
         print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
               f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
         return print_sample(restore(ckpt, {"params": shapes}, out), cfg, s)
-    train_tokens, val_tokens, data_hash = tokens
+    train_tokens, val_tokens, data_hash = splits
     n_steps, start = s.tokens // tokens_per_step, meta["step"] if s.resume else 0
     opt, betas = make_optimizer(s, tokens_per_step, heads=cfg.H)
     state_shapes = check_optimizer(opt, shapes, s.opt)    # before anything is compiled
@@ -253,13 +253,13 @@ def main(argv=None):
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
-        meta = {"version": CKPT_VERSION, "args": vars(s), "step": done, "n_steps": n_steps,
+        info = {"version": CKPT_VERSION, "args": vars(s), "step": done, "n_steps": n_steps,
                 "tokens": done * tokens_per_step, "window_start": window_start,
                 "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
                 "val_loss": val_loss, "data_sha256": data_hash}
         save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
                                        "loss_sum": stats["loss_sum"], "key": jax.random.key_data(
-                                           key), "meta": np.array(json.dumps(meta))})
+                                           key), "meta": np.array(json.dumps(info))})
 
     # -- the loop --------------------------------------------------------------------------
     # Calls of per_call steps, and of 1 for the last few before a point where the loop must
@@ -488,8 +488,8 @@ def settings(parser, argv=None):
 
 
 def resolve(argv):
-    """(settings, config, the checkpoint's arrays and meta, and (train tokens, validation tokens,
-    their fingerprint), or None to sample a finished run): the flags, then the checkpoint's, then
+    """(settings, config, the checkpoint's arrays and meta, and the splits (train tokens,
+    validation tokens, their fingerprint), or None to sample a finished run): the flags, then the checkpoint's, then
     the defaults that depend on the run. Every mistake in the flags or files is found here."""
     args, given = parse_args(make_parser(), argv)
     fill_run_defaults(args)                    # before the folder is named after them
@@ -541,8 +541,9 @@ def check_optimizer(opt, shapes, name):
     try:
         return optim.check(opt, shapes)
     except ValueError as e:
-        raise UsageError(f"--opt {name} ({optim.OPTIMIZERS[name]['make'].__name__} in optim.py): "
-                         f"{e}; the two must hold the same arrays.") from None
+        make = getattr(optim.OPTIMIZERS[name]["make"], "__name__", name)
+        raise UsageError(f"--opt {name} ({make} in optim.py): {e}; the two must hold the same "
+                         "arrays.") from None
 
 
 # -- printing: the settings once, then the log ---------------------------------------------------
