@@ -52,13 +52,14 @@ def common_flags():
     add("--adam-lr", type=float, help="muon only: the peak learning rate of its Adam for the "
         f"embeddings (default adam's, {table['adam']['lr']:g})")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
-    b1.add_argument("--b1", type=float, help="β1: adam 0.9, momentum: sgd 0, muon 0.95")
+    b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0, "
+                    "muon 0.95)")
     b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
     b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor, muon)")
-    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens (default 10M, the "
-                    "paper's: β2 follows the batch size)")
-    add("--weight-decay", type=float, default=0.0, help="adam's decoupled weight decay (0, as the "
-        "paper at small batch)")
+    b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
+                    "(default 10M, the paper's: β2 then follows the batch size)")
+    add("--weight-decay", type=float, default=0.0,
+        help="decoupled weight decay, adam only (%(default)s, as the paper at small batch)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
         "--t2/--b2 (the paper's; default), or the official code's β2_t = 1 − t^(−β2)")
     add("--param-dtype", choices=["float32", "bfloat16"], default="float32",
@@ -89,7 +90,8 @@ def make_parser():
     add("--resume", action="store_true", help="continue the run in --out exactly from its "
         "checkpoint; on a finished run, sample from it")
     add("--steps-per-call", type=int, help="training steps per jitted call, a lax.scan (default: "
-        "timed, a call of about a second at most; at most the steps between two logs)")
+        "timed at start, a call of up to about a second; 1: a call per step), at most the steps "
+        "between two logs, evaluations or checkpoints")
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
@@ -207,15 +209,13 @@ def main(argv=None):
     opt, betas = make_optimizer(s, tokens_per_step, heads=cfg.H)
     state_shapes = check_optimizer(opt, shapes, s.opt)    # before anything is compiled
     log_file = open_log(out, start if s.resume else None)   # the first thing written
-    print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens)
+    print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens, start)
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
     if s.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
         params, opt_state, key, loss_sum = restore(ckpt, {"params": shapes,
                                                           "opt_state": state_shapes}, out)
         stats = {**new_stats(), "loss_sum": loss_sum}
-        print(f"resume     from {out}/ckpt.npz at step {start:,} ({fmt_tokens(meta['tokens'])} "
-              "tokens)")
     else:
         key = jax.random.key(s.seed)
         params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), s.param_dtype)
@@ -548,9 +548,9 @@ def check_optimizer(opt, shapes, name):
 
 # -- printing: the settings once, then the log ---------------------------------------------------
 
-def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens):
+def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens, start):
     """Every derived quantity, once: the command that repeats the run, the model, the data, the
-    optimizer's β's with their half-lives, the schedule, the memory, the device."""
+    optimizer's β's with their half-lives, the schedule, the memory, the device, the resume."""
     tokens_per_step, n_steps = s.batch * cfg.T, s.tokens // (s.batch * cfg.T)
     print("command    python train.py " + " ".join(   # the run's flags, resolved: rerun to repeat
         f"--{flag.replace('_', '-')}" + ("" if value is True else f" {shlex.quote(str(value))}")
@@ -589,6 +589,9 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); matmuls take "
           + ("bfloat16" if s.compute_dtype == "bfloat16" else f"float32 (precision {precision})")
           + f"; output in {s.out}/")
+    if s.resume:
+        print(f"resume     from {s.out}/ckpt.npz at step {start:,} "
+              f"({fmt_tokens(start * tokens_per_step)} tokens)")
 
 
 def log_progress(log_file, s, cfg, done, n_steps, loss_sum, window_steps, window_s, elapsed_s):
