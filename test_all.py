@@ -1,6 +1,6 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
-    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about 4.5 minutes on a 2-core CPU
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # 4.5 to 5 minutes on a 2-core CPU
 
 Sections, in order: the optimizers against numpy; Muon; bf16 weights and stochastic rounding;
 half-lives and the schedule; the model; the tokenizer and data; token files and big data;
@@ -52,10 +52,10 @@ SMALL = model.Config(V=97, D=32, L=2, H=2, T=16)  # a model small enough for a t
 @pytest.fixture(autouse=True)
 def short_validation():
     """The tests' corpora are small, so their validation split is data.MIN_VAL_TOKENS, whose
-    evaluation at the start and the end would be most of a short run's time: 4,096 tokens here
+    evaluation at the start and the end would be most of a short run's time: 2,048 tokens here
     (a patch of its own, which a test's monkeypatch.undo() leaves in place)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "MIN_VAL_TOKENS", 4_096)
+        patch.setattr(data, "MIN_VAL_TOKENS", 2_048)
         yield
 
 
@@ -598,9 +598,11 @@ def positions(n=40_000):
 
 def test_batches_are_shifted_windows_of_the_training_split():
     """x has shape [B, T], y is x shifted by one token, and every token comes from the train split
-    (positions below the validation split's start), never from the validation split."""
+    (positions below the validation split's start, the last 10 % or the floor), never from the
+    validation split."""
     train_tokens, val = data.split(positions())
-    assert len(val) == data.MIN_VAL_TOKENS and len(train_tokens) + len(val) == 40_000
+    assert len(val) == 4_000 and len(train_tokens) + len(val) == 40_000     # 10 %, above the floor
+    assert len(data.split(positions(10_000))[1]) == data.MIN_VAL_TOKENS     # 1,000: the floor
     for step in range(30):
         x, y = data.get_batch(train_tokens, step, batch=4, T=16, seed=0)
         assert x.shape == y.shape == (4, 16)
@@ -947,8 +949,9 @@ def test_an_optimizer_whose_update_changes_its_state_is_named_before_compiling(t
             jax.eval_shape(opt.init, shapes))
 
 
-def small_corpus(tmp_path, chars=150_000):
-    """The first 150k characters of the shipped corpus (about 45k tokens) in a fresh folder."""
+def small_corpus(tmp_path, chars=100_000):
+    """The first 100k characters of the shipped corpus (about 31k tokens; 150k, 47k tokens, for
+    the exercises) in a fresh folder."""
     path = tmp_path / "small.txt"
     path.write_text(data.DEFAULT_TEXT.read_text()[:chars])
     return path
@@ -1860,7 +1863,7 @@ def exercise(tmp_path_factory):
     """run(name, *flags) -> final validation loss of an 8k-token batch-1 run of the tiny model on
     the small corpus (or --data given), each name run once for the exercises' tests below."""
     root, losses = tmp_path_factory.mktemp("exercises"), {}
-    corpus = small_corpus(root)
+    corpus = small_corpus(root, chars=150_000)
 
     def run(name, *flags):
         if name not in losses:
