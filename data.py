@@ -207,8 +207,8 @@ def _window_order(n, seed, epoch):
 
 def get_batch(train, step, batch, T, seed, steps=None):
     """Inputs and targets [batch, T] (int32) of a training step: windows step*batch ... in the
-    seeded shuffle, which is redrawn after each full pass over the windows. With steps=K, those of
-    K consecutive steps at once, [K, batch, T]: one gather for a call of many steps."""
+    seeded shuffle, which is redrawn after each full pass over the windows. With steps=S, those of
+    S consecutive steps at once, [S, batch, T]: one gather for a call of many steps."""
     n, k = n_windows(train, T), steps or 1
     epoch, pos = np.divmod(step * batch + np.arange(k * batch), n)
     window = np.empty(k * batch, np.int64)

@@ -251,10 +251,14 @@ def lr_at(step, n_steps, peak_lr, warmup_frac):
     return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))
 
 
+class StateError(Exception):
+    """An optimizer whose update returns other arrays than its init makes."""
+
+
 def check(opt, params):
     """The shapes of opt's state for params (arrays or shapes; nothing is allocated), after
     checking that its update returns the same arrays as its init: a new optimizer's mistake is
-    one sentence here (a ValueError), not a failure deep inside train.py's compiled scan."""
+    one sentence here (a StateError), not a failure deep inside train.py's compiled scan."""
     def arrays(tree):                                  # {"m.embed": "float32[50257, 64]", ...}
         return {jax.tree_util.keystr(path, simple=True, separator="."): f"{x.dtype}{list(x.shape)}"
                 for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -265,9 +269,10 @@ def check(opt, params):
     differ = [f"state.{n} is {returned.get(n, 'missing')} after update, {made.get(n, 'missing')}"
               " from init" for n in sorted(made | returned) if made.get(n) != returned.get(n)]
     if differ or jax.tree.structure(state) != jax.tree.structure(new):
-        raise ValueError("its update returns a state its init does not make ("
+        raise StateError("its update returns a state its init does not make ("
                          + ("; ".join(differ[:3]) or "other containers") + ")")
     return state
+
 
 # -- the optimizers of train.py's --opt ---------------------------------------------------------
 #   lr     default peak learning rate, tuned at --batch 1 for the default model and corpus

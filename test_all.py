@@ -602,7 +602,7 @@ def test_batches_are_shifted_windows_of_the_training_split():
     validation split."""
     train_tokens, val = data.split(positions())
     assert len(val) == 4_000 and len(train_tokens) + len(val) == 40_000     # 10 %, above the floor
-    assert len(data.split(positions(10_000))[1]) == data.MIN_VAL_TOKENS     # 1,000: the floor
+    assert len(data.split(positions(10_000))[1]) == data.MIN_VAL_TOKENS  # 10 %: under the floor
     for step in range(30):
         x, y = data.get_batch(train_tokens, step, batch=4, T=16, seed=0)
         assert x.shape == y.shape == (4, 16)
@@ -930,7 +930,8 @@ def test_an_optimizer_whose_update_changes_its_state_is_named_before_compiling(t
                                                                             monkeypatch):
     """An optimizer whose update returns a state its init does not make (a student's Lion that
     adds a step count) is one sentence naming --opt, its function in optim.py and the array,
-    exit 2, before anything is compiled or written; optim.check passes the shipped four."""
+    exit 2, before anything is compiled or written; optim.check passes the shipped four, and an
+    error in an update's arithmetic stays JAX's own, with its traceback, not a state mismatch."""
     def lion_with_a_count(b1=0.9):
         lion = solutions.lion(b1)
         def update(grads, state, params, lr):
@@ -947,6 +948,10 @@ def test_an_optimizer_whose_update_changes_its_state_is_named_before_compiling(t
     for opt in (optim.sgd(), optim.adam(), optim.adafactor(), optim.muon()):
         assert jax.tree.structure(optim.check(opt, shapes)) == jax.tree.structure(
             jax.eval_shape(opt.init, shapes))
+    wrong_math = optim.Optimizer(optim.sgd().init, lambda g, state, p, lr: ({"w": g["w"] @ g["w"]},
+                                                                        state))
+    with pytest.raises(TypeError, match="dot_general"):     # JAX's own error, not a StateError
+        optim.check(wrong_math, shapes)
 
 
 def small_corpus(tmp_path, chars=100_000):
@@ -1047,6 +1052,22 @@ def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
                 "--tokens", "128", "--sample", "0", "--out", str(tmp_path / "run")])
     printed = capsys.readouterr().out
     assert "optimizer state 0 bytes" in printed and "1 steps" in printed
+
+
+def test_a_short_muon_run_learns(tmp_path, capsys):
+    """--opt muon trains the default model: the start-up lines name the embeddings' Adam rate and
+    count its state by hand (m for the matrices, Adam's m and v for the embeddings, two steps),
+    and the logged training loss falls by more than 2 nats in 6k tokens."""
+    out = tmp_path / "run"
+    train.main(["--opt", "muon", "--data", str(small_corpus(tmp_path)), "--tokens", "6k",
+                "--log-tokens", "1k", "--sample", "0", "--out", str(out)])
+    printed = capsys.readouterr().out
+    n_embed, n_blocks = 2 * 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
+    assert (f"optimizer  muon: peak lr {optim.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
+            "embeddings), b1 0.95") in printed
+    assert f"optimizer state {4 * n_blocks + 8 * n_embed + 8:,} bytes (float32)" in printed
+    losses = [e["train_loss"] for e in events(out) if "train_loss" in e]
+    assert losses[-1] < losses[0] - 2
 
 
 def test_adafactor_decay_flag_picks_the_schedule():
@@ -1396,7 +1417,8 @@ def test_a_different_seed_gives_different_losses(tmp_path, narrow):
 
 @pytest.fixture(scope="module")
 def toy_panels():
-    """Fig. 10's four runs with the README's 1,000 seeds, computed once for the tests below."""
+    """Fig. 10's four runs with experiments/README.md's 1,000 seeds, computed once for the tests
+    below."""
     return momentum_toy.toy_panels(seeds=1000)
 
 
@@ -1432,23 +1454,23 @@ def test_toy_noise_is_sigma_times_the_gradient_per_coordinate():
 
 
 def test_toy_momentum_helps_at_large_batch_only(toy_panels):
-    """Fig. 10's claim. At b = 25 momentum lowers the median final loss by a clear factor; at
-    b = 0.09 the two are within a small factor. Calibrated once (README): SGD over momentum is
-    14× and 1.10× (13× to 14× and 1.07× to 1.10× over three seed sets); frozen at above 5× and
-    within 1.3× either way, so a run that loses momentum's damping fails the first, and one whose
-    noise is scaled by the gradient's norm (0.5× to 0.7× at small batch) fails the second."""
+    """Fig. 10's claim. At b = 25 momentum lowers the median final loss by a clear factor; at b =
+    0.09 the two are within a small factor. Calibrated once (experiments/README.md): SGD over
+    momentum is 14× and 1.10× (13× to 14× and 1.07× to 1.10× over three seed sets); frozen at above
+    5× and within 1.3× either way, so a run that loses momentum's damping fails the first, and one
+    whose noise is scaled by the gradient's norm (0.5× to 0.7× at small batch) fails the second."""
     median = {name: np.median(momentum_toy.toy_loss(w[:, -1])) for name, w in toy_panels.items()}
     assert median["large batch, SGD"] / median["large batch, SGD + momentum"] > 5
     assert 1 / 1.3 < median["small batch, SGD"] / median["small batch, SGD + momentum"] < 1.3
 
 
 def test_toy_sweep_momentum_speedup_shrinks_with_b(monkeypatch):
-    """At b × steps = 32 samples and each β's best lr, momentum (β = 0.4) ends lower at b = 2 by
-    a clear factor (5.6× to 7.2×), reaching a log-loss 1.38× to 1.45× SGD's: its speed-up. At
-    b = 1/8 the final losses still differ (4.6× to 4.9×: the loss falls exponentially, so small
-    differences compound over 256 steps), but the speed-up is only 1.056× to 1.058×. Calibrated
-    with three seed sets (README); frozen at a gain above 3× and a speed-up above 1.2× at b = 2,
-    and a speed-up below 1.1× at b = 1/8."""
+    """At b × steps = 32 samples and each β's best lr, momentum (β = 0.4) ends lower at b = 2 by a
+    clear factor (5.6× to 7.2×), reaching a log-loss 1.38× to 1.45× SGD's: its speed-up. At b = 1/8
+    the final losses still differ (4.6× to 4.9×: the loss falls exponentially, so small differences
+    compound over 256 steps), but the speed-up is only 1.056× to 1.058×. Calibrated with three seed
+    sets (experiments/README.md); frozen at a gain above 3× and a speed-up above 1.2× at b = 2, and
+    a speed-up below 1.1× at b = 1/8."""
     monkeypatch.setattr(momentum_toy, "SWEEP_STEPS", [16, 256])      # b = 2 and 1/8 of the sweep
     monkeypatch.setattr(momentum_toy, "SWEEP_BETAS", (0.0, 0.4))
     (_, _, large), (_, _, small) = momentum_toy.toy_sweep(seeds=1000)
@@ -1461,16 +1483,18 @@ def test_toy_sweep_momentum_speedup_shrinks_with_b(monkeypatch):
 
 
 def test_toy_readme_table_is_what_the_code_prints(toy_panels, capsys):
-    """experiments/README.md's table of the four panels is, line for line, what `python -m experiments.momentum_toy` prints."""
+    """experiments/README.md's table of the four panels is, line for line, what `python -m
+    experiments.momentum_toy` prints."""
     momentum_toy.print_panels(toy_panels)
     readme = (HERE / "experiments" / "README.md").read_text().splitlines()
     assert all(line in readme for line in capsys.readouterr().out.splitlines())
 
 
 def test_toy_main_prints_both_tables(monkeypatch, capsys):
-    """`python -m experiments.momentum_toy` prints the four panels, then a sweep row per b with b × steps = 32, the
-    ratio of SGD's loss to the best momentum's and the speed-up ln(momentum's) / ln(SGD's), by
-    hand from the printed losses; the rows are those in the README (two of eleven, for time)."""
+    """`python -m experiments.momentum_toy` prints the four panels, then a sweep row per b with b ×
+    steps = 32, the ratio of SGD's loss to the best momentum's and the speed-up ln(momentum's) /
+    ln(SGD's), by hand from the printed losses; the rows are those in experiments/README.md (two of
+    eleven, for time)."""
     monkeypatch.setattr(momentum_toy, "SWEEP_STEPS", [16, 256])
     momentum_toy.main([])
     lines = capsys.readouterr().out.splitlines()
@@ -1516,7 +1540,7 @@ def test_toy_user_errors_exit_2_with_one_sentence(argv, message, capsys):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-# -- gradient accumulation, and experiments/batch_size_study.py, memory.py, find_batch.py ------
+# -- gradient accumulation; experiments/ batch_size_study, memory, find_batch, bf16_rounding ---
 
 @pytest.mark.parametrize("grad_accum", [2, 4])
 def test_accumulated_gradient_equals_the_full_batch_gradient(grad_accum):
@@ -1834,22 +1858,6 @@ def test_shipped_files_cite_the_paper_not_the_team_notes():
     assert [p.name for p in shipped if notes in p.read_text()] == []
 
 
-def test_a_short_muon_run_learns(tmp_path, capsys):
-    """--opt muon trains the default model: the start-up lines name the embeddings' Adam rate and
-    count its state by hand (m for the matrices, Adam's m and v for the embeddings, two steps),
-    and the logged training loss falls by more than 2 nats in 6k tokens."""
-    out = tmp_path / "run"
-    train.main(["--opt", "muon", "--data", str(small_corpus(tmp_path)), "--tokens", "6k",
-                "--log-tokens", "1k", "--sample", "0", "--out", str(out)])
-    printed = capsys.readouterr().out
-    n_embed, n_blocks = 2 * 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
-    assert (f"optimizer  muon: peak lr {optim.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
-            "embeddings), b1 0.95") in printed
-    assert f"optimizer state {4 * n_blocks + 8 * n_embed + 8:,} bytes (float32)" in printed
-    losses = [e["train_loss"] for e in events(out) if "train_loss" in e]
-    assert losses[-1] < losses[0] - 2
-
-
 # -- exercises (docs/exercises.md; solutions in docs/solutions.py): each result holds ---------
 
 def tie_embeddings(monkeypatch):
@@ -1877,8 +1885,8 @@ def exercise(tmp_path_factory):
 def test_exercise_1_lion_is_one_function_and_one_table_entry(exercise, monkeypatch, capsys):
     """Lion, given one OPTIMIZERS entry, is an --opt choice with its default lr and one moment of
     state (4 bytes a parameter), is refused the flags of a second moment, moves every weight by
-    exactly ±lr in a step (by hand), and beats vanilla SGD at 8k tokens (README: 6.24 vs 6.76 at
-    66k; 6.91 vs 7.92 here)."""
+    exactly ±lr in a step (by hand), and beats vanilla SGD at 8k tokens (docs/exercises.md: 6.24 vs
+    6.76 at 66k; 6.91 vs 7.92 here)."""
     monkeypatch.setitem(optim.OPTIMIZERS, "lion", solutions.LION)
     lion_loss, _ = exercise("lion", "--opt", "lion")
     n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
@@ -1899,7 +1907,7 @@ def test_exercise_1_lion_is_one_function_and_one_table_entry(exercise, monkeypat
 def test_exercise_2_tied_embeddings_count_one_embedding_and_train(exercise, monkeypatch, capsys):
     """With the embeddings tied (no "unembed"; the output layer is embed.T) the start-up line
     counts the dict's parameters, one embedding, and SGD trains. Whether tying helps SGD is not
-    checked: at 8k tokens its sign changes with the data (README)."""
+    checked: at 8k tokens its sign changes with the data (docs/exercises.md)."""
     tie_embeddings(monkeypatch)
     tied, out = exercise("sgd-tied")
     printed = capsys.readouterr().out
@@ -1911,9 +1919,10 @@ def test_exercise_2_tied_embeddings_count_one_embedding_and_train(exercise, monk
 
 
 def test_exercise_3_the_half_life_rule_gives_beta2_by_hand():
-    """Adam's β2 at batch size 1 from the default 10M-token half-life is 0.5^(128 / 10M) (README:
-    0.999991), follows the batch (B = 8: 0.5^(1024 / 10M)), and --b2 0.95 is taken as given, an
-    average over about 1 / (1 − 0.95) = 20 steps whose half-life is 1,730 tokens."""
+    """Adam's β2 at batch size 1 from the default 10M-token half-life is 0.5^(128 / 10M)
+    (docs/exercises.md: 0.999991), follows the batch (B = 8: 0.5^(1024 / 10M)), and --b2 0.95 is
+    taken as given, an average over about 1 / (1 − 0.95) = 20 steps whose half-life is 1,730
+    tokens."""
     def beta2(*flags):
         args = train.settings(train.make_parser(), ["--opt", "adam", *flags])
         return train.make_optimizer(args, args.batch * 128, heads=1)[1]["b2"]
@@ -1928,8 +1937,8 @@ def test_exercise_3_the_half_life_rule_gives_beta2_by_hand():
 def test_exercise_4_nearest_rounding_freezes_the_output_embedding(exercise):
     """Under bf16 weights rounded to nearest, an update smaller than half a bf16 step is lost, so
     most of the output embedding (whose gradient for a token absent from the batch is tiny) never
-    leaves its initial value; rounded stochastically, far fewer of its weights stay (README: the
-    whole pass, 76 % vs 12.5 %; here 91 % vs 59 % after 8k tokens)."""
+    leaves its initial value; rounded stochastically, far fewer of its weights stay
+    (docs/exercises.md: the whole pass, 76 % vs 12.5 %; here 91 % vs 59 % after 8k tokens)."""
     start = model.cast(model.init_params(jax.random.fold_in(jax.random.key(0), 0),
                                          model.PRESETS["tiny"]), "bfloat16")   # main's init
     unmoved = {}
@@ -1943,8 +1952,8 @@ def test_exercise_4_nearest_rounding_freezes_the_output_embedding(exercise):
 def test_exercise_5_heavy_ball_is_the_ema_form_at_lr_over_1_minus_beta(toy_panels, monkeypatch,
                                                                       capsys):
     """In the toy problem, heavy-ball momentum at the panels' learning rates overshoots at large
-    batch and looks better at small batch (README: medians 0.0343 and 5.6e-05), and with each lr
-    times 1 − β its four panels print exactly the EMA form's lines."""
+    batch and looks better at small batch (docs/exercises.md: medians 0.0343 and 5.6e-05), and with
+    each lr times 1 − β its four panels print exactly the EMA form's lines."""
     sgd = optim.sgd
     monkeypatch.setattr(optim, "sgd", lambda b1=0.0: solutions.heavy_ball(b1) if b1 else sgd())
     momentum_toy.toy_paths.clear_cache()            # its compiled EMA form would be reused

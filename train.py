@@ -35,6 +35,7 @@ import optim
 
 
 # -- the settings a student tunes: every flag, its meaning and its default ----------------------
+# (Parser and count, which check them, are plumbing: they follow main.)
 
 def common_flags():
     """What is trained on what, and how it is updated and stored (experiments/ reuse these)."""
@@ -43,8 +44,8 @@ def common_flags():
     add("--model", choices=list(model.PRESETS), default="tiny", help="model preset (%(default)s)")
     add("--data", default=os.path.relpath(data.DEFAULT_TEXT), help="a UTF-8 text, or .bin token "
         "files (llm.c's or nanoGPT's), one or a quoted glob (default: shipped Shakespeare)")
-    add("--val-data", help="validation tokens, from a text or .bin files (default: the last 10 %% "
-        f"of --data); the first {data.MAX_VAL_TOKENS:,} at most")
+    add("--val-data", help="validation tokens, from a text or .bin token files (default: the last "
+        f"10 %% of --data); the first {data.MAX_VAL_TOKENS:,} at most")
     add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
     add("--opt", choices=list(table), default="sgd", help="optimizer (%(default)s)")
     add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
@@ -100,10 +101,9 @@ def make_parser():
 
 # -- the train step: gradient, accumulation, optimizer, rounding --------------------------------
 
-def make_optimizer(s, tokens_per_step, heads):
-    """(optimizer, {"b1": β1, "b2": β2}) of the settings' --opt, with only the β's it keeps: from
-    --b1/--b2, or from a half-life in tokens at this step size (the paper's rule, Fig. 3, 4), or
-    the table's default (optim.OPTIMIZERS). heads: the model's, which muon orthogonalizes apart."""
+def betas_of(s, tokens_per_step):
+    """{"b1": β1, "b2": β2} of the settings' --opt, only the β's it keeps: from --b1/--b2, or
+    from a half-life in tokens at this step size (the paper's rule, Fig. 3, 4), or the table's."""
     o = optim.OPTIMIZERS[s.opt]
     betas = {}
     if o["b1"] is not None:      # a β by default (Adam's 0.9), or from --t1's half-life
@@ -117,6 +117,13 @@ def make_optimizer(s, tokens_per_step, heads):
             raise UsageError(f"--t{b[1]} is so long that {b} rounds to 1 at {tokens_per_step:,} "
                              "tokens per step, and the average would never move; give a shorter "
                              "half-life.")
+    return betas
+
+
+def make_optimizer(s, tokens_per_step, heads):
+    """(optimizer, its β's) of the settings' --opt, from its line in optim.OPTIMIZERS. heads: the
+    model's, which muon orthogonalizes apart."""
+    o, betas = optim.OPTIMIZERS[s.opt], betas_of(s, tokens_per_step)
     extra = {"weight_decay": s.weight_decay} if o["decay"] else {}
     if s.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
         extra["decay_power"] = betas["b2"]
@@ -208,24 +215,23 @@ def main(argv=None):
     n_steps, start = s.tokens // tokens_per_step, meta["step"] if s.resume else 0
     opt, betas = make_optimizer(s, tokens_per_step, heads=cfg.H)
     state_shapes = check_optimizer(opt, shapes, s.opt)    # before anything is compiled
+    if s.resume:   # the checkpoint's state exactly (if it is this model's and optimizer's)
+        params, opt_state, key, stats = restore(ckpt, {"params": shapes,
+                                                       "opt_state": state_shapes}, out)
     log_file = open_log(out, start if s.resume else None)   # the first thing written
     print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens, start)
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
-    if s.resume:   # the checkpoint's state exactly, so the run goes on as if never stopped
-        params, opt_state, key, loss_sum = restore(ckpt, {"params": shapes,
-                                                          "opt_state": state_shapes}, out)
-        stats = {**new_stats(), "loss_sum": loss_sum}
-    else:
+    if not s.resume:   # a resumed run goes on from the checkpoint's, as if never stopped
         key = jax.random.key(s.seed)
         params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), s.param_dtype)
         opt_state, stats = opt.init(params), new_stats()
     step_fn = make_train_step(cfg, opt, n_steps, s.warmup, s.grad_accum, s.rounding,
                               key=jax.random.fold_in(key, 2))    # the rounding's random bits
-    every = (s.log_tokens, s.eval_tokens, s.ckpt_tokens)      # where the loop must look
+    intervals = (s.log_tokens, s.eval_tokens, s.ckpt_tokens)  # tokens between looks, for each
     peak_lr, t0 = jnp.float32(s.lr), time.time()
     call, per_call = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
-                                   (s.batch, cfg.T), min(every) // tokens_per_step,
+                                   (s.batch, cfg.T), min(intervals) // tokens_per_step,
                                    s.steps_per_call)
     call(1), call(per_call)    # both lengths now, so that no compilation falls inside the loop
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {per_call} steps per call ("
@@ -248,8 +254,9 @@ def main(argv=None):
     # had never stopped: the step that opened the logging window, the last validation loss, and
     # the clocks (the window's time, the time since the start).
     host = meta if s.resume else {"window_start": 0, "window_s": 0, "elapsed_s": 0}
-    t_start, t_window = time.time() - host["elapsed_s"], time.time() - host["window_s"]
-    window_start, val_loss = host["window_start"], meta["val_loss"] if s.resume else run_eval(0)
+    t_start = time.time() - host["elapsed_s"]
+    val_loss = meta["val_loss"] if s.resume else run_eval(0)     # not in the first window's time
+    t_window, window_start = time.time() - host["window_s"], host["window_start"]
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
@@ -269,19 +276,20 @@ def main(argv=None):
     if not s.resume:
         checkpoint(0)                      # a checkpoint from step 0 on
     done = saved_step = start
-    n = call_length(done, per_call, n_steps, every, tokens_per_step)
+    n = call_length(done, per_call, n_steps, intervals, tokens_per_step)
     try:
         xs = batches(done, n)
         while done < n_steps:
             params, opt_state, stats = call(n)(params, opt_state, stats, np.int32(done), *xs,
                                                peak_lr)
-            done, n = done + n, call_length(done + n, per_call, n_steps, every, tokens_per_step)
+            done, n = done + n, call_length(done + n, per_call, n_steps, intervals,
+                                            tokens_per_step)
             if done < n_steps:            # the next call's batches, while the device runs
                 xs = batches(done, n)
             jax.block_until_ready(stats)  # one call in flight at most: Ctrl-C stops in a call
             stop = stop_requested.is_set()
-            log_now, eval_now, save_now = (is_due(done, e, n_steps, tokens_per_step)
-                                           for e in every)
+            log_now, eval_now, save_now = (is_due(done, every, n_steps, tokens_per_step)
+                                           for every in intervals)
             # nothing bad is logged or saved: a host sync, so only at these points
             if (log_now or eval_now or save_now or stop) and (bad := diverged(stats, params, done)):
                 raise Diverged(log_divergence(log_file, s, cfg, bad, n_steps, out, saved_step))
@@ -344,14 +352,16 @@ def crosses(first, last, every, tokens_per_step):
 
 
 def is_due(done, every, n_steps, tokens_per_step):
-    """Whether the loop looks after step `done`: `every` tokens since it last did, or the end."""
+    """Whether the loop looks after step `done`: the tokens reached a multiple of `every`, or the
+    run its end."""
     return done == n_steps or crosses(done - 1, done, every, tokens_per_step)
 
 
-def call_length(done, per_call, n_steps, every, tokens_per_step):
+def call_length(done, per_call, n_steps, intervals, tokens_per_step):
     """per_call steps, or 1 where those would pass a point where the loop must look."""
     last = done + per_call                                # the call's last step
-    passes = any(crosses(done, last - 1, e, tokens_per_step) for e in every) or last > n_steps
+    passes = last > n_steps or any(crosses(done, last - 1, every, tokens_per_step)
+                                   for every in intervals)
     return 1 if passes else per_call
 
 
@@ -476,7 +486,11 @@ class Settings(argparse.Namespace):
         vars(self).update(flags)
 
     def __setattr__(self, name, value):
-        raise AttributeError(f"the settings are resolved once; --{name} cannot change now")
+        raise AttributeError(f"the settings are resolved once; --{name.replace('_', '-')} cannot "
+                             "change now")
+
+    def __delattr__(self, name):
+        self.__setattr__(name, None)
 
 
 def settings(parser, argv=None):
@@ -489,8 +503,9 @@ def settings(parser, argv=None):
 
 def resolve(argv):
     """(settings, config, the checkpoint's arrays and meta, and the splits (train tokens,
-    validation tokens, their fingerprint), or None to sample a finished run): the flags, then the checkpoint's, then
-    the defaults that depend on the run. Every mistake in the flags or files is found here."""
+    validation tokens, their fingerprint), or None to sample a finished run): the flags, then the
+    checkpoint's, then the defaults that depend on the run. Every mistake in the flags and the
+    data is found here."""
     args, given = parse_args(make_parser(), argv)
     fill_run_defaults(args)                    # before the folder is named after them
     accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
@@ -499,12 +514,13 @@ def resolve(argv):
     ckpt, meta = open_run(out, args, given)    # with --resume, the checkpoint's flags replace
     check_flags(args)
     cfg = dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype)
+    betas_of(args, args.batch * cfg.T)         # a half-life too long for this step is a mistake
     if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:
         return Settings(**{**vars(args), "out": str(out)}), cfg, ckpt, meta, None   # a sample
     if args.batch % args.grad_accum:
         raise UsageError(f"--batch {args.batch} is not divisible by --grad-accum "
-                         f"{args.grad_accum}; each micro-batch holds --batch / --grad-accum "
-                         "whole sequences, so --grad-accum must divide --batch.")
+                         f"{args.grad_accum}; each of the K micro-batches holds B/K whole "
+                         "sequences, so K must divide B.")
     train_tokens, val_tokens = load_data(args, cfg.T, args.batch, cfg.V)
     data_hash = data.fingerprint(train_tokens, val_tokens)    # cheap at any size (data.py)
     if args.resume and data_hash != meta["data_sha256"]:
@@ -540,7 +556,7 @@ def check_optimizer(opt, shapes, name):
     its init makes: a mistake in a new optimizer, named before anything is compiled."""
     try:
         return optim.check(opt, shapes)
-    except ValueError as e:
+    except optim.StateError as e:
         make = getattr(optim.OPTIMIZERS[name]["make"], "__name__", name)
         raise UsageError(f"--opt {name} ({make} in optim.py): {e}; the two must hold the same "
                          "arrays.") from None
@@ -643,28 +659,28 @@ def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=No
     time once per n, for arguments (params, opt_state, stats, step, peak_lr) and batches [B, T]
     of batch_shape: nothing recompiles (fixed shapes, the step an array); params, state and stats
     are donated, updated in place. steps_per_call: the given one (at most sync_every), or timed."""
-    def batches(n):                                   # the shape of a call's batches
+    def ids(n):                                       # ids in the shape of a call's batches
         return np.zeros((n, *batch_shape), np.int32)
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), arguments)
 
     @functools.cache
     def call(n):
         return (jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2))
-                .lower(*shapes[:4], batches(n), batches(n), shapes[4]).compile())
+                .lower(*shapes[:4], ids(n), ids(n), shapes[4]).compile())
     if steps_per_call:
         return call, min(steps_per_call, max(1, sync_every))
-    return call, default_steps_per_call(call(1), (*arguments[:4], batches(1), batches(1),
-                                                  arguments[4]), sync_every)
+    return call, default_steps_per_call(call(1), (*arguments[:4], ids(1), ids(1), arguments[4]),
+                                        sync_every)
 
 
-def default_steps_per_call(step_fn, arguments, sync_every, seconds=2.0):
-    """The largest power of two n, at most sync_every, such that n one-step calls (step_fn, timed
+def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
+    """The largest power of two n, at most sync_every, such that n one-step calls (call_1, timed
     on copies of the state it donates) run in `seconds`: in one call of n steps they run up to
     twice as fast, so a call lasts about a second at most."""
     for _ in range(2):     # the first call warms up
         copies = jax.block_until_ready(jax.tree.map(jnp.copy, arguments[:3]))
         t0 = time.time()
-        jax.block_until_ready(step_fn(*copies, *arguments[3:]))
+        jax.block_until_ready(call_1(*copies, *arguments[3:]))
     n = max(1, min(sync_every, int(seconds / (time.time() - t0))))
     return 2 ** int(math.log2(n))
 
@@ -780,21 +796,24 @@ def flatten(tree):
 def restore(ckpt, template, out):
     """The template ({"params": shapes}, and "opt_state" to resume) filled from the checkpoint's
     arrays by name, in its dtypes (exact for bf16): params, or to resume (params, opt_state, key,
-    loss_sum). Arrays not exactly the template's (missing, extra, other shapes) are refused."""
+    stats). Arrays not exactly the template's (missing, extra, other shapes) are refused."""
     names = flatten(template)
     stored = {n: a for n, a in ckpt.items() if n.split(".")[0] in template}
     want, have = ({n: list(a.shape) for n, a in x.items()} for x in (names, stored))
     differ = [f"{n} is {have.get(n, 'missing')} there, {want.get(n, 'not used')} here"
               for n in sorted(want | have) if want.get(n) != have.get(n)]
-    if differ or ("opt_state" in template and not {"loss_sum", "key"} <= set(ckpt)):
+    differ += [f"{n} is missing there" for n in ("loss_sum", "key")
+               if "opt_state" in template and n not in ckpt]
+    if differ:
+        more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise UsageError(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of "
-                         "this model and optimizer (" + ("; ".join(differ[:3]) or "no key") + ").")
+                         f"this model and optimizer ({'; '.join(differ[:3])}{more}).")
     state = jax.tree.unflatten(jax.tree.structure(template),
                                [jnp.asarray(stored[n], t.dtype) for n, t in names.items()])
     if "opt_state" not in template:
         return state["params"]
     return (state["params"], state["opt_state"], jax.random.wrap_key_data(ckpt["key"]),
-            jnp.asarray(ckpt["loss_sum"]))
+            {**new_stats(), "loss_sum": jnp.asarray(ckpt["loss_sum"])})
 
 
 # -- the entry point: a mistake is one sentence and an exit status, never a traceback -----------

@@ -67,7 +67,8 @@ def run(opt, weights, args, tokens, data_hash):
         try:   # Ctrl-C inside it checkpoints the run, then reaches main's caller
             train.main(["--resume", "--out", str(out)] if same_run(meta, want, data_hash)
                        else flags)
-        except train.Diverged:                # a result too: the table says so
+        except train.Diverged as e:           # a result too: the table says so, and why here
+            print(f"error: {e}", file=sys.stderr)
             return None, held
     return json.loads((out / "config.json").read_text()), held
 
@@ -98,8 +99,12 @@ def main(argv=None):
     train_tokens, val_tokens = train.load_data(args, T, 1)
     data_hash = data.fingerprint(train_tokens, val_tokens)
     tokens = args.tokens or data.n_windows(train_tokens, T) * T     # train.py's default budget
-    rows = [(opt, weights, *run(opt, weights, args, tokens, data_hash))
-            for opt in args.opt for weights in WEIGHTS]
+    try:
+        rows = [(opt, weights, *run(opt, weights, args, tokens, data_hash))
+                for opt in args.opt for weights in WEIGHTS]
+    except KeyboardInterrupt as e:            # in a run: its checkpoint is written, and resumed
+        raise KeyboardInterrupt("\n".join(filter(None, [str(e), "interrupted; run the same "
+                                "command again to go on from there"]))) from None
     try:
         (Path(args.out) / "bf16.md").write_text(table(rows))
     except OSError as e:
