@@ -451,31 +451,36 @@ def parse_args(parser, argv=None):
     return args, given
 
 
+def conditional_flags(args):
+    """The flags that apply to some runs only, one table for the defaults and the checks below:
+    (flag, whether it applies to this run, its default there, the runs it applies to)."""
+    name, o = args.opt, optim.OPTIMIZERS[args.opt]
+    decays = ", ".join(n for n, spec in optim.OPTIMIZERS.items() if spec["decay"])
+    return [("rounding", args.param_dtype == "bfloat16", "stochastic",   # nearest stalls: Fig. 9
+             "--param-dtype bfloat16 only; float32 parameters store the float32 sum exactly"),
+            ("adafactor_decay", name == "adafactor", "constant", f"adafactor only, not {name}"),
+            ("adam_lr", name == "muon", optim.OPTIMIZERS["adam"]["lr"], f"muon only, not {name}"),
+            ("weight_decay", o["decay"], 0.0, f"{decays} only; the paper uses none with {name}")]
+
+
 def fill_run_defaults(args):
     """The defaults that depend on the run, for the flags not given: --lr from the optimizer's
-    table, the matmuls in the parameters' dtype, and flags that apply to some runs only."""
-    for name, value in dict(
-            lr=optim.OPTIMIZERS[args.opt]["lr"], compute_dtype=args.param_dtype,
-            rounding="stochastic" if args.param_dtype == "bfloat16" else None,  # nearest: Fig. 9
-            adafactor_decay="constant" if args.opt == "adafactor" else None,
-            adam_lr=optim.OPTIMIZERS["adam"]["lr"] if args.opt == "muon" else None).items():
+    table, the matmuls in the parameters' dtype, and the conditional flags where they apply."""
+    for name, value in [("lr", optim.OPTIMIZERS[args.opt]["lr"]),
+                        ("compute_dtype", args.param_dtype)] + [
+            (flag, default) for flag, applies, default, _ in conditional_flags(args) if applies]:
         if getattr(args, name) is None:
             setattr(args, name, value)
 
 
 def check_flags(args):
     """A flag given to a run it does not apply to is one sentence."""
-    name, o = args.opt, optim.OPTIMIZERS[args.opt]
+    o = optim.OPTIMIZERS[args.opt]
     for b, t, default, which in [("b1", "t1", o["b1"], "first"), ("b2", "t2", o["t2"], "second")]:
         if default is None and (getattr(args, b) is not None or getattr(args, t) is not None):
-            raise UsageError(f"--{b}/--{t} do not apply to {name}, which keeps no {which} moment.")
-    decays = ", ".join(n for n, spec in optim.OPTIMIZERS.items() if spec["decay"])
-    for flag, applies, to in [
-            ("rounding", args.param_dtype == "bfloat16",
-             "--param-dtype bfloat16 only; float32 parameters store the float32 sum exactly"),
-            ("adafactor_decay", name == "adafactor", f"adafactor only, not {name}"),
-            ("adam_lr", name == "muon", f"muon only, not {name}"),
-            ("weight_decay", o["decay"], f"{decays} only; the paper uses none with {name}")]:
+            raise UsageError(f"--{b}/--{t} do not apply to {args.opt}, which keeps no {which} "
+                             "moment.")
+    for flag, applies, _, to in conditional_flags(args):
         if getattr(args, flag) and not applies:
             raise UsageError(f"--{flag.replace('_', '-')} applies to {to}.")
 
