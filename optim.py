@@ -34,10 +34,6 @@ def _to_f32(tree):
     return jax.tree.map(lambda x: x.astype(f32), tree)
 
 
-def _rms(x):
-    return jnp.sqrt(jnp.mean(jnp.square(x)))
-
-
 def sgd(b1=0.0):
     """SGD: θ ← θ − lr·g. Momentum b1 = 0 (the paper's batch-1 recipe) keeps no state at all.
 
@@ -77,27 +73,54 @@ def adam(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0):
     return Optimizer(init, update)
 
 
-def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=None):
+QKV = ("wq", "wk", "wv")   # [D, H·K]: head h owns columns h·K to (h + 1)·K; wo [H·K, D] owns rows
+
+
+def _heads(name, x, heads):
+    """[rows, cols] -> [slices, r, c]: each head apart, as in the official einsum kernels."""
+    if name.endswith(QKV):
+        return x.reshape(x.shape[0], heads, -1).swapaxes(0, 1)                # [H, D, K]
+    return x.reshape(heads, -1, x.shape[1]) if name.endswith("wo") else x[None]   # [H, K, D]
+
+
+def _unheads(name, x, shape):
+    """_heads undone: [slices, r, c] -> the matrix of `shape`."""
+    return (x.swapaxes(0, 1) if name.endswith(QKV) else x).reshape(shape)
+
+
+def _kernel_rms(tree):
+    """{name: RMS} per official kernel: q, k and v of a block are one [3, H, D, K] kernel there,
+    so they share one RMS (the mean of their three mean squares: they have equal sizes)."""
+    kernel = lambda name: name[:-2] + "qkv" if name.endswith(QKV) else name
+    squares = {}
+    for name, x in tree.items():
+        squares.setdefault(kernel(name), []).append(jnp.mean(jnp.square(x)))
+    return {name: jnp.sqrt(sum(squares[kernel(name)]) / len(squares[kernel(name)]))
+            for name in tree}
+
+
+def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=None, heads=1):
     """Adafactor as the paper uses it (Shazeer & Stern 2018): no first moment, a factored
     second moment, update RMS clipped to `clip`, step scaled by max(RMS(θ), 1e-3).
 
-    A matrix whose two dimensions are both >= min_dim_to_factor keeps only the row and column
-    means of g² (rows + cols numbers) for their outer product over their mean; others keep all g².
+    Matrices are cut as the official code's kernels are: q, k, v and the output per head (_heads),
+    the others whole. A slice whose two sides are both >= min_dim_to_factor keeps only the row and
+    column means of g² (rows + cols numbers) for their outer product over their mean; others keep
+    all g². The clipping RMS and RMS(θ) are per official kernel: q, k and v of a block together.
 
     β2 is a constant (set it from a half-life in tokens, like Adam's) with Adafactor's bias
     correction β̂2_t = β2·(1 − β2^(t−1)) / (1 − β2^t), which equals Adam's correction of v.
     The official code instead feeds its "β2" to the schedule β̂2_t = 1 − t^(−β2), which for
     β2 ≈ 0.9999 is close to a running mean of all past g²: pass decay_power=β2 to get that.
     """
-    def factored(p):
-        return p.ndim == 2 and min(p.shape) >= min_dim_to_factor
-
     def init(params):
-        def leaf(p):
-            if factored(p):
-                return {"v_row": jnp.zeros(p.shape[0], f32), "v_col": jnp.zeros(p.shape[1], f32)}
+        def leaf(name, p):
+            S, r, c = _heads(name, p, heads).shape
+            if min(r, c) >= min_dim_to_factor:
+                return {"v_row": jnp.zeros((S, r), f32), "v_col": jnp.zeros((S, c), f32)}
             return {"v": jnp.zeros(p.shape, f32)}
-        return {"v": jax.tree.map(leaf, params), "t": jnp.zeros([], jnp.int32)}
+        return {"v": {name: leaf(name, p) for name, p in params.items()},
+                "t": jnp.zeros([], jnp.int32)}
 
     def update(grads, state, params, lr):
         t = state["t"] + 1
@@ -106,27 +129,30 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
         else:
             b2_t = 1 - t.astype(f32) ** -decay_power
 
-        def leaf(g, v, p):
+        def precondition(name, g, v):                                 # (g / sqrt(v̂), new v)
             g2 = g * g + eps
-            if "v_row" in v:
-                v_row = b2_t * v["v_row"] + (1 - b2_t) * g2.mean(axis=1)   # [rows]
-                v_col = b2_t * v["v_col"] + (1 - b2_t) * g2.mean(axis=0)   # [cols]
-                # g² ≈ outer(v_row, v_col) / mean(v_row), applied as a row factor times a column
-                # factor and never multiplied out: a row with no gradient has v_row ≈ eps, and the
-                # product would underflow to 0 and make u = 0/0 (as optax and the official code)
-                u = g * jax.lax.rsqrt(v_row / v_row.mean())[:, None] * jax.lax.rsqrt(v_col)
-                v = {"v_row": v_row, "v_col": v_col}
-            else:
-                v = {"v": b2_t * v["v"] + (1 - b2_t) * g2}
-                u = g / jnp.sqrt(v["v"])
-            u = u / jnp.maximum(1.0, _rms(u) / clip)                        # clip the update's RMS
-            return -lr * jnp.maximum(_rms(p), 1e-3) * u, v                  # relative step size
+            if "v" in v:
+                v = b2_t * v["v"] + (1 - b2_t) * g2
+                return g / jnp.sqrt(v), {"v": v}
+            gs, g2 = _heads(name, g, heads), _heads(name, g2, heads)    # [S, r, c]
+            v_row = b2_t * v["v_row"] + (1 - b2_t) * g2.mean(axis=2)   # [S, r]
+            v_col = b2_t * v["v_col"] + (1 - b2_t) * g2.mean(axis=1)   # [S, c]
+            # g² ≈ outer(v_row, v_col) / mean(v_row), applied as a row factor times a column
+            # factor and never multiplied out: a row with no gradient has v_row ≈ eps, and the
+            # product would underflow to 0 and make u = 0/0 (as optax and the official code)
+            row = jax.lax.rsqrt(v_row / v_row.mean(axis=1, keepdims=True))
+            u = gs * row[:, :, None] * jax.lax.rsqrt(v_col)[:, None, :]
+            return _unheads(name, u, g.shape), {"v_row": v_row, "v_col": v_col}
 
-        g = _to_f32(grads)
-        out = jax.tree.map(leaf, g, state["v"], _to_f32(params))            # (update, v) per leaf
-        updates = jax.tree.map(lambda _, o: o[0], g, out)
-        v = jax.tree.map(lambda _, o: o[1], g, out)
-        return updates, {"v": v, "t": t}
+        g, p = _to_f32(grads), _to_f32(params)
+        out = {name: precondition(name, g[name], state["v"][name]) for name in g}
+        u = {name: u for name, (u, _) in out.items()}
+        u_rms, p_rms = _kernel_rms(u), _kernel_rms(p)
+        updates = {}
+        for name in u:
+            clipped = u[name] / jnp.maximum(1.0, u_rms[name] / clip)       # the update's RMS
+            updates[name] = -lr * jnp.maximum(p_rms[name], 1e-3) * clipped   # relative step
+        return updates, {"v": {name: v for name, (_, v) in out.items()}, "t": t}
 
     return Optimizer(init, update)
 
@@ -146,16 +172,6 @@ def newton_schulz(g, steps=5, eps=1e-8):
         A = x @ jnp.swapaxes(x, -1, -2)
         x = a * x + (b * A + c * A @ A) @ x
     return jnp.swapaxes(x, -1, -2) if tall else x
-
-
-QKV = ("wq", "wk", "wv")   # [D, H·K]: head h owns columns h·K to (h + 1)·K; wo [H·K, D] owns rows
-
-
-def _heads(name, x, heads):
-    """[rows, cols] -> [slices, r, c]: each head apart, as in the official einsum kernels."""
-    if name.endswith(QKV):
-        return x.reshape(x.shape[0], heads, -1).swapaxes(0, 1)                # [H, D, K]
-    return x.reshape(heads, -1, x.shape[1]) if name.endswith("wo") else x[None]   # [H, K, D]
 
 
 def muon(b1=0.95, b2=0.999, eps=1e-8, adam_scale=1.0, heads=1, adam_leaves=("embed", "unembed")):
@@ -181,7 +197,7 @@ def muon(b1=0.95, b2=0.999, eps=1e-8, adam_scale=1.0, heads=1, adam_leaves=("emb
         def step(name, m):
             x = _heads(name, m / (1 - b1 ** t), heads)                      # [slices, r, c]
             u = newton_schulz(x) * math.sqrt(max(1, x.shape[2] / x.shape[1]))
-            return -lr * (u.swapaxes(0, 1) if name.endswith(QKV) else u).reshape(m.shape)
+            return -lr * _unheads(name, u, m.shape)
 
         u_emb, adam_state = inner.update(g_emb, state["adam"], p_emb, lr * adam_scale)
         updates = {**u_emb, **{name: step(name, m) for name, m in m.items()}}
@@ -240,12 +256,12 @@ def halflife_from_beta(beta, tokens_per_step):
 
 
 def lr_at(step, n_steps, peak_lr, warmup_frac):
-    """Linear warmup from 0 over the first warmup_frac of the steps, then cosine decay to 0, at
-    every batch size (the paper's schedule).
+    """Linear warmup from 0 over the first int(warmup_frac · n_steps) steps (whole steps, as the
+    official code counts them), then cosine decay to 0, at every batch size (the paper's schedule).
 
     Works on Python numbers and on traced arrays, so the train step computes it on device.
     """
-    warmup = warmup_frac * n_steps                                   # in steps, may be fractional
+    warmup = int(warmup_frac * n_steps)
     ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0
     progress = jnp.clip((step - warmup) / (n_steps - warmup), 0.0, 1.0)
     return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))

@@ -192,6 +192,46 @@ def test_adafactor_state_is_factored():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["v"]))
 
 
+def test_adafactor_factors_attention_per_head_as_the_official_kernels():
+    """With H = 2 heads, q, k and v are one [3, H, D, K] kernel and the output one [H, K, D], as
+    in the official code: numpy on those kernels factors g² per head slice and takes one clipping
+    RMS and one RMS(θ) over q, k and v together; the state holds H·(D + K) numbers a matrix."""
+    D, H, K, steps = 8, 2, 4, 3
+    shapes = {"blocks.0.wq": (D, D), "blocks.0.wk": (D, D), "blocks.0.wv": (D, D),
+              "blocks.0.wo": (D, D), "blocks.0.w_up": (D, 4 * D)}
+    params, grads = params_and_grads(steps, shapes.values())
+    rename = lambda tree: {name: tree[f"w{i}"] for i, name in enumerate(shapes)}
+    params, grads = rename(params), [rename(g) for g in grads]
+    b2, clip, lr = 0.9, 0.5, 0.1
+    opt = optim.adafactor(b2=b2, clip=clip, min_dim_to_factor=4, heads=H)   # K = 4: factored
+    sizes = {n: sum(x.size for x in jax.tree.leaves(v)) for n, v in opt.init(params)["v"].items()}
+    assert sizes == {**{n: H * (D + K) for n in shapes}, "blocks.0.w_up": D + 4 * D}
+    got = run_optimizer(opt, params, grads, [lr] * steps)
+
+    def kernels(tree):      # the official shapes: qkv [3, H, D, K], out [H, K, D], up [1, D, 4D]
+        qkv = np.stack([tree[f"blocks.0.{n}"].reshape(D, H, K).transpose(1, 0, 2)
+                        for n in ("wq", "wk", "wv")])
+        return {"qkv": qkv, "out": tree["blocks.0.wo"].reshape(H, K, D),
+                "up": tree["blocks.0.w_up"][None]}
+    want = {k: w.astype(np.float64) for k, w in kernels(params).items()}
+    R = {k: 0.0 for k in want}
+    C = dict(R)
+    for t, g in enumerate(grads, start=1):
+        for k, G in kernels(g).items():          # factored over the last two axes, per slice
+            g2 = G.astype(np.float64) ** 2 + 1e-30
+            R[k] = b2 * R[k] + (1 - b2) * g2.mean(axis=-1)
+            C[k] = b2 * C[k] + (1 - b2) * g2.mean(axis=-2)
+            v_hat = R[k][..., :, None] * C[k][..., None, :] / R[k].mean(axis=-1)[..., None, None]
+            u = G / np.sqrt(v_hat / (1 - b2 ** t))
+            u = u / max(1.0, np.sqrt(np.mean(u ** 2)) / clip)      # one RMS per kernel
+            want[k] = want[k] - lr * max(np.sqrt(np.mean(want[k] ** 2)), 1e-3) * u
+    for i, n in enumerate(("wq", "wk", "wv")):
+        np.testing.assert_allclose(got[f"blocks.0.{n}"], want["qkv"][i].transpose(1, 0, 2)
+                                   .reshape(D, D), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["blocks.0.wo"], want["out"].reshape(D, D), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["blocks.0.w_up"], want["up"][0], rtol=1e-5, atol=1e-6)
+
+
 # -- Muon: momentum orthogonalized by Newton–Schulz (Fig. 1a's fourth optimizer) ---------------
 
 def numpy_newton_schulz(x):
@@ -412,8 +452,9 @@ def test_halflife_paper_example():
 
 
 def test_lr_schedule_endpoints():
-    """Warmup starts at 0 and reaches the peak at 5 % of the steps; cosine halves it midway
-    through the decay and ends at 0; with no warmup the first step already has the peak."""
+    """Warmup starts at 0 and reaches the peak at 5 % of the steps, a whole number of them as the
+    official code counts (int(0.05 · 30) = 1); cosine halves it midway through the decay and ends
+    at 0; with no warmup the first step already has the peak."""
     lr = lambda step, warmup=0.05: float(optim.lr_at(step, 1000, 0.3, warmup))
     assert lr(0) == 0.0
     assert lr(25) == pytest.approx(0.15)
@@ -421,6 +462,7 @@ def test_lr_schedule_endpoints():
     assert lr(525) == pytest.approx(0.15)
     assert lr(1000) == pytest.approx(0.0, abs=1e-9)
     assert lr(0, warmup=0.0) == pytest.approx(0.3)
+    assert float(optim.lr_at(1, 30, 0.3, 0.05)) == pytest.approx(0.3)    # not 1 / 1.5 of it
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -1714,18 +1756,21 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
 def test_memory_rows_match_a_count_by_hand():
     """experiments.memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32 weight, 2 a
     bf16 one; adam holds m and v (8 bytes a parameter) plus its step; adafactor one row and one
-    column mean per matrix plus its step; muon m for the matrices and Adam's m and v for the
+    column mean per matrix (per head for attention) plus its step; muon m for the matrices and Adam's m and v for the
     embeddings, plus two steps; the accumulation buffer 4 bytes a parameter."""
     cfg = model.PRESETS["30m"]
     matrices = [(cfg.V, cfg.D), (cfg.D, cfg.V)] + cfg.L * [(cfg.D, cfg.D)] * 4 + cfg.L * [
         (cfg.D, 4 * cfg.D), (4 * cfg.D, cfg.D)]
     n = sum(r * c for r, c in matrices)
+    # adafactor: q, k, v and the output per head, H slices of D x K: H·(D + K) numbers each
+    factored = 4 * cfg.L * cfg.H * (cfg.D + cfg.K) + sum(r + c for r, c in matrices[:2]) + (
+        cfg.L * 2 * (cfg.D + 4 * cfg.D))
     rows = {r["dtype"]: r for r in memory.memory_rows() if r["model"] == "30m"}
     assert rows["float32"]["params"] == n and rows["float32"]["weights"] == 4 * n
     assert rows["bfloat16"]["weights"] == 2 * n
     for r in rows.values():
         assert r["sgd state"] == 0 and r["adam state"] == 8 * n + 4
-        assert r["adafactor state"] == 4 * sum(r + c for r, c in matrices) + 4
+        assert r["adafactor state"] == 4 * factored + 4
         assert r["accumulation buffer"] == 4 * n
         embeddings = 2 * cfg.V * cfg.D                # muon: Adam's m and v for these, m for the rest
         assert r["muon state"] == 8 * embeddings + 4 * (n - embeddings) + 2 * 4

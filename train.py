@@ -127,8 +127,10 @@ def make_optimizer(s, tokens_per_step, heads):
     extra = {"weight_decay": s.weight_decay} if o["decay"] else {}
     if s.adafactor_decay == "power":    # the official code's β2 is the schedule's exponent
         extra["decay_power"] = betas["b2"]
-    if s.opt == "muon":    # its Adam part's own peak rate, on the same schedule; per-head slices
-        extra.update(adam_scale=s.adam_lr / s.lr, heads=heads)
+    if s.opt in ("adafactor", "muon"):   # both cut q, k, v and the output per head (optim.py)
+        extra["heads"] = heads
+    if s.opt == "muon":    # its Adam part's own peak rate, on the same schedule
+        extra["adam_scale"] = s.adam_lr / s.lr
     return o["make"](**betas, **extra), betas
 
 
@@ -594,7 +596,7 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
              else "") + f", weight decay {s.weight_decay:g}")
     print(f"schedule   {s.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens; warmup {s.warmup:g} "
-          f"({math.ceil(s.warmup * n_steps):,} steps), then cosine to 0")
+          f"({int(s.warmup * n_steps):,} steps), then cosine to 0")
     buffer = model.nbytes(jax.eval_shape(accumulation_buffer, shapes))
     print(f"memory     parameters {model.nbytes(shapes):,} bytes ({s.param_dtype}, "
           f"{jnp.dtype(s.param_dtype).itemsize} bytes each"
