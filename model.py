@@ -91,13 +91,18 @@ def nbytes(tree):
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def active_params(cfg):
+    """The paper's active parameters, N = L (4 D² + 2 D F) + D V = 12 L D² + D V: the block
+    matrices and the output layer; the input embedding is a lookup (29,915,520 for 30m)."""
+    return cfg.L * (4 * cfg.D ** 2 + 2 * cfg.D * cfg.F) + cfg.D * cfg.V
+
+
 def flops_per_token(cfg):
     """The model FLOPs of training on one token (PaLM's count, Appendix B): 6 N + 12 L T D, where
-    N = L (4 D² + 2 D F) + D V counts the block matrices and the output layer (the input
-    embedding is a lookup, no FLOPs), 6 = 2 forward + 4 backward per weight, and 12 L T D is the
-    attention's scores and weighted sum (2 T D each forward, at every position, times 3)."""
-    N = cfg.L * (4 * cfg.D ** 2 + 2 * cfg.D * cfg.F) + cfg.D * cfg.V
-    return 6 * N + 12 * cfg.L * cfg.T * cfg.D
+    N is active_params (a lookup costs no FLOPs), 6 = 2 forward + 4 backward per weight, and
+    12 L T D is the attention's scores and weighted sum (2 T D each forward, at every position,
+    times 3)."""
+    return 6 * active_params(cfg) + 12 * cfg.L * cfg.T * cfg.D
 
 
 def rms_norm(x):

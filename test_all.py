@@ -1105,8 +1105,8 @@ def test_a_short_muon_run_learns(tmp_path, capsys):
                 "--log-tokens", "1k", "--sample", "0", "--out", str(out)])
     printed = capsys.readouterr().out
     n_embed, n_blocks = 2 * 50_257 * 64, 4 * 12 * 64 * 64           # the tiny preset, by hand
-    assert (f"optimizer  muon: peak lr {optim.OPTIMIZERS['muon']['lr']:g} (adam-lr 0.005 for the "
-            "embeddings), b1 0.95") in printed
+    assert (f"optimizer  muon: peak lr {optim.OPTIMIZERS['muon']['lr']:g} (tiny default), adam-lr "
+            "0.005 for the embeddings, b1 0.95") in printed
     assert f"optimizer state {4 * n_blocks + 8 * n_embed + 8:,} bytes (float32)" in printed
     losses = [e["train_loss"] for e in events(out) if "train_loss" in e]
     assert losses[-1] < losses[0] - 2
@@ -1235,6 +1235,67 @@ def test_readme_model_table_matches_the_presets():
         want = [cfg.V, cfg.D, cfg.L, cfg.H, cfg.K, cfg.T]
         assert [int(c.replace(",", "")) for c in rows[name][:6]] == want, name
         assert rows[name][6] == f"{non_embed:,} + 2 × {embed:,}", name
+
+
+# -- the paper's settings at its presets: its tuned values, its budget --------------------------
+
+class Compiling(Exception):
+    """Raised instead of compiling: the start-up lines are printed by then."""
+
+
+def startup_lines(monkeypatch, capsys, argv):
+    """{first word: line} of what `python train.py argv` prints before it compiles anything."""
+    def stop(*args, **kwargs):
+        raise Compiling
+    monkeypatch.setattr(train, "compile_calls", stop)
+    with pytest.raises(Compiling):
+        train.main(argv)
+    return {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+
+
+def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypatch, capsys):
+    """At 30m Adam starts from the official settings (PAPER.md 3b: B = 1 lr 0.0017, β1 0.9912,
+    β2 0.999965; B = 64 lr 0.003, β1 0.8926, β2 0.997731), SGD from GPT-2's 0.2, Muon's embeddings
+    from the Adam row; a flag given wins; tiny keeps its own defaults (sgd 0.7, adam 0.005, 0.9)."""
+    flags = ["--data", str(small_corpus(tmp_path, 150_000)), "--out", str(tmp_path / "run")]
+    def optimizer(*argv):
+        line = startup_lines(monkeypatch, capsys, [*flags, *argv])["optimizer"]
+        numbers = {name: float(value) for name, value in re.findall(r"(lr|b1|b2) ([\d.e-]+)", line)}
+        return line, numbers
+    line, got = optimizer("--model", "30m", "--opt", "adam")
+    assert "peak lr 0.0017 (paper, 30m adam, B = 1)" in line and "40k tokens; paper" in line
+    assert (got["lr"], round(got["b1"], 4), round(got["b2"], 6)) == (0.0017, 0.9912, 0.999965)
+    line, got = optimizer("--model", "30m", "--opt", "adam", "--batch", "64")
+    assert (got["lr"], round(got["b1"], 4), round(got["b2"], 6)) == (0.003, 0.8926, 0.997731)
+    line, got = optimizer("--model", "30m", "--opt", "sgd")
+    assert "peak lr 0.2 (paper, gpt2 sgd, B = 1, the nearest published)" in line
+    line, got = optimizer("--model", "30m", "--opt", "muon")
+    assert "peak lr 0.04 (tiny default, none published), adam-lr 0.0017 for the embeddings" in line
+    line, got = optimizer("--model", "30m", "--opt", "adam", "--lr", "0.001", "--b1", "0.9")
+    assert (got["lr"], got["b1"]) == (0.001, 0.9) and "paper" not in line.split("b2")[0]
+    line, got = optimizer("--opt", "sgd")
+    assert line.startswith("optimizer  sgd: peak lr 0.7 (tiny default), momentum 0")
+    line, got = optimizer("--opt", "adam")
+    assert (got["lr"], got["b1"]) == (0.005, 0.9) and "paper" not in line
+
+
+def test_the_papers_presets_train_its_budget_when_the_data_hold_it(tmp_path, monkeypatch, capsys):
+    """A paper preset (30m, given a small shape here) trains 20 tokens per active parameter,
+    20 x (12 L D² + D V) = 20 x (12 x 16² + 16 x 512) = 225,280 tokens, when --data holds more,
+    and one pass, said to be shorter than the paper's, when it holds less; --tokens still wins."""
+    monkeypatch.setitem(model.PRESETS, "30m", model.Config(V=512, D=16, L=1, H=1, T=16))
+    budget = 20 * (12 * 16 ** 2 + 16 * 512)
+    for n_ids, more in [(300_000, True), (200_000, False)]:
+        path = tmp_path / f"ids-{n_ids}.bin"
+        np.random.default_rng(0).integers(0, 512, n_ids).astype(np.uint16).tofile(path)
+        flags = ["--model", "30m", "--data", str(path), "--out", str(tmp_path / f"run-{n_ids}")]
+        one_pass = data.n_windows(data.load(str(path), 16, 1, vocab=512)[0], 16) * 16
+        assert (one_pass > budget) == more
+        assert train.resolve(flags)[0].tokens == (budget if more else one_pass)
+        assert train.resolve([*flags, "--tokens", "1k"])[0].tokens == 992    # 62 whole steps of 16
+        schedule = startup_lines(monkeypatch, capsys, flags)["schedule"]
+        assert (f"{budget:,} tokens (20 tokens per active parameter, as the paper)" in schedule
+                if more else f"(shorter than the paper's {budget:,}, 20 tokens per" in schedule)
 
 
 # -- checkpoints, resume, divergence (runs that survive) ----------------------------------------
@@ -1936,7 +1997,7 @@ def test_exercise_1_lion_is_one_function_and_one_table_entry(exercise, monkeypat
     lion_loss, _ = exercise("lion", "--opt", "lion")
     n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
     printed = capsys.readouterr().out
-    assert "optimizer  lion: peak lr 0.002, b1 0.9 (half-life 842.1 tokens)" in printed
+    assert "optimizer  lion: peak lr 0.002 (tiny default), b1 0.9 (half-life 842.1 tokens)" in printed
     assert f"optimizer state {4 * n_params:,} bytes (float32)" in printed
     assert exercise("sgd")[0] > lion_loss + 0.5
     status = train.run_program(train.main, ["--opt", "lion", "--t2", "1M", "--out", "/dev/null/x"])

@@ -48,8 +48,9 @@ def common_flags():
         f"10 %% of --data); the first {data.MAX_VAL_TOKENS:,} at most")
     add("--seed", type=int, default=0, help="seeds init, data order and rounding (%(default)s)")
     add("--opt", choices=list(table), default="sgd", help="optimizer (%(default)s)")
-    add("--lr", type=float, help="peak learning rate (default: " + ", ".join(
-        f"{name} {o['lr']:g}" for name, o in table.items()) + ")")
+    add("--lr", type=float, help="peak learning rate (default: the paper's at its presets, "
+        "train.PAPER_SETTINGS; else " + ", ".join(f"{name} {o['lr']:g}" for name, o in
+                                                  table.items()) + ")")
     add("--adam-lr", type=float, help="muon only: the peak learning rate of its Adam for the "
         f"embeddings (default adam's, {table['adam']['lr']:g})")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
@@ -79,8 +80,10 @@ def make_parser():
     add("--batch", type=int, default=1, help="sequences per optimizer step, B (%(default)s)")
     add("--grad-accum", type=int, default=1, help="split each step's batch into this many "
         "micro-batches whose gradients are summed in float32 (default 1: none)")
-    add("--warmup", type=float, default=0.05, help="fraction of steps in warmup (%(default)s)")
-    add("--tokens", type=count, help="training budget in tokens (default: one pass over the data)")
+    add("--warmup", type=float, default=0.05, help="fraction of steps in warmup, rounded down to "
+        "whole steps as the official code (%(default)s)")
+    add("--tokens", type=count, help="training budget in tokens (default: one pass over the data; "
+        "at the paper's presets its budget, 20 tokens per active parameter, if the data hold it)")
     add("--out", help="output folder (default out/<model>-<opt>-b<batch>, plus -accum<N> with "
         "--grad-accum N and -bf16-<rounding> for bf16 weights)")
     add("--log-tokens", type=count, default=16_384, help="log every this many tokens (%(default)s)")
@@ -97,6 +100,56 @@ def make_parser():
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
     return p
+
+
+# The official code's tuned settings for the paper's presets (docs/official-code.md), the
+# defaults of the flags not given: (preset, optimizer) -> {batch size: {flag: value}}. The β's
+# are half-lives in tokens, so that they carry over to other batch sizes by the paper's rule; β2
+# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's. See paper_defaults for the
+# gaps: another batch size, a preset without a row, muon.
+PAPER_SETTINGS = {
+    ("30m", "adam"): {1: dict(lr=1.7e-3, t1=40_000), 4: dict(lr=2e-3, t1=40_000),
+                      16: dict(lr=2e-3, t1=60_000), 64: dict(lr=3e-3, t1=200_000),
+                      256: dict(lr=5e-3, t1=1_000_000), 1024: dict(lr=5e-3, t1=3_000_000),
+                      4096: dict(lr=2.5e-3, t1=6_000_000)},
+    ("gpt2", "sgd"): {1: dict(lr=0.2)},
+    ("gpt2", "adam"): {1: dict(lr=2.4e-3, t2=7_100_000)},
+    ("gpt2", "adafactor"): {1: dict(lr=5e-3, t2=7_100_000)},
+    ("gpt3xl", "sgd"): {1: dict(lr=0.15)},
+    ("gpt3xl", "adam"): {1: dict(lr=6.7e-5, t2=14_200_000)},   # untuned: B = 512's 2e-4 / 3
+    ("gpt3xl", "adafactor"): {1: dict(lr=3.2e-3, t2=14_200_000)},
+}
+
+
+def paper_defaults(name, opt, batch):
+    """{flag: (value, where it comes from)} from PAPER_SETTINGS, for a run of preset `name`
+    (none for tiny). A batch size without a row takes the nearest one's (in log scale), a preset
+    without a row the nearest preset's that has one (30m's sgd and adafactor take gpt2's), and
+    muon, whose rate the paper did not publish, only its embeddings' Adam from the adam row."""
+    def row(opt):
+        presets = [m for m in model.PRESETS if (m, opt) in PAPER_SETTINGS]
+        if name not in {m for m, _ in PAPER_SETTINGS} or not presets:
+            return {}
+        order = list(model.PRESETS)
+        m = min(presets, key=lambda m: abs(order.index(m) - order.index(name)))
+        b = min(PAPER_SETTINGS[m, opt], key=lambda b: (abs(math.log(b / batch)), b))
+        where = f"paper, {m} {opt}, B = {b}" + (", the nearest published" if (m, b) != (
+            name, batch) else "")
+        return {flag: (value, where) for flag, value in PAPER_SETTINGS[m, opt][b].items()}
+    if opt != "muon":
+        return row(opt)
+    return {("adam_lr" if flag == "lr" else flag): v for flag, v in row("adam").items()
+            if flag != "t1"}     # t1 would be muon's momentum too, whose best is unpublished
+
+
+def paper_tokens(name, cfg):
+    """(the paper's budget in tokens, its rule) for preset `name`, or None (tiny): 20 tokens per
+    active parameter (Chinchilla's rule; 598,310,400 for 30m), but a fixed 10B for GPT-3 XL."""
+    if name == "gpt3xl":
+        return 10 ** 10, "a fixed 10B"
+    if name in ("30m", "gpt2"):
+        return 20 * model.active_params(cfg), "20 tokens per active parameter"
+    return None
 
 
 # -- the train step: gradient, accumulation, optimizer, rounding --------------------------------
@@ -466,9 +519,14 @@ def conditional_flags(args):
 
 
 def fill_run_defaults(args):
-    """The defaults that depend on the run, for the flags not given: --lr from the optimizer's
-    table, the matmuls in the parameters' dtype, and the conditional flags where they apply."""
-    for name, value in [("lr", optim.OPTIMIZERS[args.opt]["lr"]),
+    """The defaults that depend on the run, for the flags not given: the paper's settings at its
+    presets (a half-life only where its β is not given either), --lr from the optimizer's table,
+    the matmuls in the parameters' dtype, and the conditional flags where they apply."""
+    batch = getattr(args, "batch", 1)         # the parsers of experiments/ may have no --batch
+    paper = [(flag, value) for flag, (value, _) in paper_defaults(args.model, args.opt,
+                                                                  batch).items()
+             if flag not in ("t1", "t2") or getattr(args, "b" + flag[1]) is None]
+    for name, value in paper + [("lr", optim.OPTIMIZERS[args.opt]["lr"]),
                         ("compute_dtype", args.param_dtype)] + [
             (flag, default) for flag, applies, default, _ in conditional_flags(args) if applies]:
         if getattr(args, name) is None:
@@ -534,7 +592,8 @@ def resolve(argv):
         raise UsageError(f"the tokens of --data {args.data} (and --val-data) differ from those "
                          "the checkpoint was trained on.")
     tokens_per_step = args.batch * cfg.T
-    budget = args.tokens or data.n_windows(train_tokens, cfg.T) * cfg.T  # default: one pass
+    one_pass, paper = data.n_windows(train_tokens, cfg.T) * cfg.T, paper_tokens(args.model, cfg)
+    budget = args.tokens or min(one_pass, paper[0] if paper else one_pass)   # the paper's, or less
     n_steps, start = budget // tokens_per_step, meta["step"] if args.resume else 0
     if n_steps < 1:
         raise UsageError(f"--tokens {budget:,} is less than one optimizer step of "
@@ -587,15 +646,27 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
     print(f"data       {s.data}: {len(train_tokens):,} training tokens "
           f"({data.n_windows(train_tokens, cfg.T):,} windows of T + 1), "
           f"{len(val_tokens):,} validation tokens")
-    print(f"optimizer  {s.opt}: peak lr {s.lr:g}"
-          + (f" (adam-lr {s.adam_lr:g} for the embeddings)" if s.adam_lr else "")
-          + "".join(f", {'momentum' if s.opt == 'sgd' else name} {beta:.6g}" + (  # sgd: b1
-              f" (half-life {fmt_tokens(optim.halflife_from_beta(beta, tokens_per_step))} "
-              "tokens)" if beta else "") for name, beta in betas.items())
+    paper = paper_defaults(s.model, s.opt, s.batch)    # where the defaults came from
+    where = {flag: w for flag, (value, w) in paper.items() if getattr(s, flag) == value}
+    if "lr" not in paper and s.lr == optim.OPTIMIZERS[s.opt]["lr"]:
+        where["lr"] = "tiny default" + ("" if s.model == "tiny" else ", none published")
+
+    def note(flag, half_life=0):      # " (half-life ... tokens; where the value came from)"
+        parts = ([f"half-life {fmt_tokens(half_life)} tokens"] if half_life else []) + (
+            [where[flag]] if flag in where else [])
+        return f" ({'; '.join(parts)})" if parts else ""
+    print(f"optimizer  {s.opt}: peak lr {s.lr:g}{note('lr')}"
+          + (f", adam-lr {s.adam_lr:g} for the embeddings{note('adam_lr')}" if s.adam_lr else "")
+          + "".join(f", {'momentum' if s.opt == 'sgd' else name} {beta:.6g}"    # sgd: b1
+                    + note("t" + name[1], optim.halflife_from_beta(beta, tokens_per_step))
+                    for name, beta in betas.items())
           + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if s.adafactor_decay == "power"
              else "") + f", weight decay {s.weight_decay:g}")
+    paper_budget, rule = paper_tokens(s.model, cfg) or (0, "")
+    budget = (f" ({rule}, as the paper)" if s.tokens + tokens_per_step > paper_budget else
+              f" (shorter than the paper's {paper_budget:,}, {rule})") if paper_budget else ""
     print(f"schedule   {s.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
-          f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens; warmup {s.warmup:g} "
+          f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens{budget}; warmup {s.warmup:g} "
           f"({int(s.warmup * n_steps):,} steps), then cosine to 0")
     buffer = model.nbytes(jax.eval_shape(accumulation_buffer, shapes))
     print(f"memory     parameters {model.nbytes(shapes):,} bytes ({s.param_dtype}, "
