@@ -6,7 +6,7 @@
     params = optim.apply_updates(params, updates)   # or, for bf16 weights (Fig. 9):
     params = optim.apply_updates(params, updates, jax.random.fold_in(key, step), "stochastic")
 
-Each optimizer is an (init, update) pair of pure functions over a pytree of parameters, and
+Each optimizer is an (init, update) pair of pure functions over the dict of parameters, and
 each update rule is written one line per equation, in the paper's symbols. The arithmetic and
 the state are float32 whatever the parameters' dtype. To add one, write its function here and
 give it a line in the OPTIMIZERS table at the end of this file: train.py's --opt, defaults, β's
@@ -83,8 +83,7 @@ def _heads(name, x, heads):
     return x.reshape(heads, -1, x.shape[1]) if name.endswith("wo") else x[None]   # [H, K, D]
 
 
-def _unheads(name, x, shape):
-    """_heads undone: [slices, r, c] -> the matrix of `shape`."""
+def _unheads(name, x, shape):                        # _heads undone: [slices, r, c] -> shape
     return (x.swapaxes(0, 1) if name.endswith(QKV) else x).reshape(shape)
 
 
@@ -119,8 +118,7 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
             if min(r, c) >= min_dim_to_factor:
                 return {"v_row": jnp.zeros((S, r), f32), "v_col": jnp.zeros((S, c), f32)}
             return {"v": jnp.zeros(p.shape, f32)}
-        return {"v": {name: leaf(name, p) for name, p in params.items()},
-                "t": jnp.zeros([], jnp.int32)}
+        return {"v": {name: leaf(name, p) for name, p in params.items()}, "t": jnp.int32(0)}
 
     def update(grads, state, params, lr):
         t = state["t"] + 1
@@ -148,10 +146,9 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
         out = {name: precondition(name, g[name], state["v"][name]) for name in g}
         u = {name: u for name, (u, _) in out.items()}
         u_rms, p_rms = _kernel_rms(u), _kernel_rms(p)
-        updates = {}
-        for name in u:
-            clipped = u[name] / jnp.maximum(1.0, u_rms[name] / clip)       # the update's RMS
-            updates[name] = -lr * jnp.maximum(p_rms[name], 1e-3) * clipped   # relative step
+        clipped = {name: u[name] / jnp.maximum(1.0, u_rms[name] / clip) for name in u}
+        updates = {name: -lr * jnp.maximum(p_rms[name], 1e-3) * clipped[name]   # relative step
+                   for name in u}
         return updates, {"v": {name: v for name, (_, v) in out.items()}, "t": t}
 
     return Optimizer(init, update)
@@ -230,10 +227,8 @@ def apply_updates(params, updates, key=None, rounding="nearest"):
     parameters with stochastic_round_bf16 and fresh random bits per leaf from `key` (fold the
     step into it: a new key every step). float32 parameters keep the float32 sum either way.
     """
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-    if rounding == "stochastic" and key is None:
-        raise ValueError("stochastic rounding needs a key: apply_updates(params, updates, key, ...)")
+    if rounding not in ("nearest", "stochastic") or (rounding == "stochastic" and key is None):
+        raise ValueError(f"rounding is 'nearest' or 'stochastic' with a key, not {rounding!r}")
     leaves, treedef = jax.tree.flatten(params)
     sums = [p.astype(f32) + u for p, u in zip(leaves, treedef.flatten_up_to(updates))]
     return jax.tree.unflatten(treedef, [
@@ -291,8 +286,8 @@ def check(opt, params):
 
 
 # -- the optimizers of train.py's --opt ---------------------------------------------------------
-#   lr     default peak learning rate, tuned at --batch 1 for the default model and corpus
-#          (docs/defaults.md); the paper's at GPT-2 scale: 0.2, 2.4e-3, 5e-3
+#   lr     default peak learning rate, tuned at --batch 1 for tiny on the shipped corpus
+#          (docs/defaults.md); the paper's presets start from train.PAPER_SETTINGS instead
 #   b1     default first-moment decay (momentum); None: the optimizer keeps no first moment
 #   t2     default second-moment half-life in tokens; None: it keeps no second moment. The paper
 #          holds it fixed in tokens (10M in its sweeps), so β2 follows the batch (Fig. 3, 4)

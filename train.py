@@ -105,7 +105,7 @@ def make_parser():
 # The official code's tuned settings for the paper's presets (docs/official-code.md), the
 # defaults of the flags not given: (preset, optimizer) -> {batch size: {flag: value}}. The β's
 # are half-lives in tokens, so that they carry over to other batch sizes by the paper's rule; β2
-# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's. See paper_defaults for the
+# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's. paper_defaults fills the
 # gaps: another batch size, a preset without a row, muon.
 PAPER_SETTINGS = {
     ("30m", "adam"): {1: dict(lr=1.7e-3, t1=40_000), 4: dict(lr=2e-3, t1=40_000),
@@ -122,24 +122,20 @@ PAPER_SETTINGS = {
 
 
 def paper_defaults(name, opt, batch):
-    """{flag: (value, where it comes from)} from PAPER_SETTINGS, for a run of preset `name`
-    (none for tiny). A batch size without a row takes the nearest one's (in log scale), a preset
-    without a row the nearest preset's that has one (30m's sgd and adafactor take gpt2's), and
-    muon, whose rate the paper did not publish, only its embeddings' Adam from the adam row."""
-    def row(opt):
-        presets = [m for m in model.PRESETS if (m, opt) in PAPER_SETTINGS]
-        if name not in {m for m, _ in PAPER_SETTINGS} or not presets:
-            return {}
-        order = list(model.PRESETS)
-        m = min(presets, key=lambda m: abs(order.index(m) - order.index(name)))
-        b = min(PAPER_SETTINGS[m, opt], key=lambda b: (abs(math.log(b / batch)), b))
-        where = f"paper, {m} {opt}, B = {b}" + (", the nearest published" if (m, b) != (
-            name, batch) else "")
-        return {flag: (value, where) for flag, value in PAPER_SETTINGS[m, opt][b].items()}
-    if opt != "muon":
-        return row(opt)
-    return {("adam_lr" if flag == "lr" else flag): v for flag, v in row("adam").items()
-            if flag != "t1"}     # t1 would be muon's momentum too, whose best is unpublished
+    """{flag: (value, where it comes from)} from PAPER_SETTINGS for a run of preset `name` (none
+    for tiny). A batch size without a row takes the nearest one's (in log scale); 30m, which has
+    only Adam's, takes gpt2's for the others; muon's rate is unpublished, and its embeddings' Adam
+    takes the adam row's rate and t2 (its t1 would be muon's momentum too)."""
+    if opt == "muon":
+        return {("adam_lr" if flag == "lr" else flag): v for flag, v in
+                paper_defaults(name, "adam", batch).items() if flag != "t1"}
+    m = name if (name, opt) in PAPER_SETTINGS else {"30m": "gpt2"}.get(name)
+    if (m, opt) not in PAPER_SETTINGS:
+        return {}
+    b = min(PAPER_SETTINGS[m, opt], key=lambda b: (abs(math.log(b / batch)), b))
+    where = f"paper, {m} {opt}, B = {b}" + (", the nearest published" if (m, b) != (name, batch)
+                                            else "")
+    return {flag: (value, where) for flag, value in PAPER_SETTINGS[m, opt][b].items()}
 
 
 def paper_tokens(name, cfg):
