@@ -1254,7 +1254,7 @@ def startup_lines(monkeypatch, capsys, argv):
 
 
 def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypatch, capsys):
-    """At 30m Adam starts from the official settings (PAPER.md 3b: B = 1 lr 0.0017, β1 0.9912,
+    """At 30m Adam starts from the official settings (docs/defaults.md: B = 1 lr 0.0017, β1 0.9912,
     β2 0.999965; B = 64 lr 0.003, β1 0.8926, β2 0.997731), SGD from GPT-2's 0.2, Muon's embeddings
     from the Adam row; a flag given wins; tiny keeps its own defaults (sgd 0.7, adam 0.005, 0.9)."""
     flags = ["--data", str(small_corpus(tmp_path, 150_000)), "--out", str(tmp_path / "run")]

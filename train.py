@@ -35,7 +35,8 @@ import optim
 
 
 # -- the settings a student tunes: every flag, its meaning and its default ----------------------
-# (Parser and count, which check them, are plumbing: they follow main.)
+# (Parser and count, which check them, are plumbing: they follow main, as does PAPER_SETTINGS,
+# the official code's tuned values that replace these defaults at the paper's presets.)
 
 def common_flags():
     """What is trained on what, and how it is updated and stored (experiments/ reuse these)."""
@@ -100,52 +101,6 @@ def make_parser():
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
     return p
-
-
-# The official code's tuned settings for the paper's presets (docs/official-code.md), the
-# defaults of the flags not given: (preset, optimizer) -> {batch size: {flag: value}}. The β's
-# are half-lives in tokens, so that they carry over to other batch sizes by the paper's rule; β2
-# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's. paper_defaults fills the
-# gaps: another batch size, a preset without a row, muon.
-PAPER_SETTINGS = {
-    ("30m", "adam"): {1: dict(lr=1.7e-3, t1=40_000), 4: dict(lr=2e-3, t1=40_000),
-                      16: dict(lr=2e-3, t1=60_000), 64: dict(lr=3e-3, t1=200_000),
-                      256: dict(lr=5e-3, t1=1_000_000), 1024: dict(lr=5e-3, t1=3_000_000),
-                      4096: dict(lr=2.5e-3, t1=6_000_000)},
-    ("gpt2", "sgd"): {1: dict(lr=0.2)},
-    ("gpt2", "adam"): {1: dict(lr=2.4e-3, t2=7_100_000)},
-    ("gpt2", "adafactor"): {1: dict(lr=5e-3, t2=7_100_000)},
-    ("gpt3xl", "sgd"): {1: dict(lr=0.15)},
-    ("gpt3xl", "adam"): {1: dict(lr=6.7e-5, t2=14_200_000)},   # untuned: B = 512's 2e-4 / 3
-    ("gpt3xl", "adafactor"): {1: dict(lr=3.2e-3, t2=14_200_000)},
-}
-
-
-def paper_defaults(name, opt, batch):
-    """{flag: (value, where it comes from)} from PAPER_SETTINGS for a run of preset `name` (none
-    for tiny). A batch size without a row takes the nearest one's (in log scale); 30m, which has
-    only Adam's, takes gpt2's for the others; muon's rate is unpublished, and its embeddings' Adam
-    takes the adam row's rate and t2 (its t1 would be muon's momentum too)."""
-    if opt == "muon":
-        return {("adam_lr" if flag == "lr" else flag): v for flag, v in
-                paper_defaults(name, "adam", batch).items() if flag != "t1"}
-    m = name if (name, opt) in PAPER_SETTINGS else {"30m": "gpt2"}.get(name)
-    if (m, opt) not in PAPER_SETTINGS:
-        return {}
-    b = min(PAPER_SETTINGS[m, opt], key=lambda b: (abs(math.log(b / batch)), b))
-    where = f"paper, {m} {opt}, B = {b}" + (", the nearest published" if (m, b) != (name, batch)
-                                            else "")
-    return {flag: (value, where) for flag, value in PAPER_SETTINGS[m, opt][b].items()}
-
-
-def paper_tokens(name, cfg):
-    """(the paper's budget in tokens, its rule) for preset `name`, or None (tiny): 20 tokens per
-    active parameter (Chinchilla's rule; 598,310,400 for 30m), but a fixed 10B for GPT-3 XL."""
-    if name == "gpt3xl":
-        return 10 ** 10, "a fixed 10B"
-    if name in ("30m", "gpt2"):
-        return 20 * model.active_params(cfg), "20 tokens per active parameter"
-    return None
 
 
 # -- the train step: gradient, accumulation, optimizer, rounding --------------------------------
@@ -500,6 +455,52 @@ def parse_args(parser, argv=None):
         if value is not None and not ok(value):
             raise UsageError(f"--{name.replace('_', '-')} must be {accepted}, got {value}.")
     return args, given
+
+
+# The official code's tuned settings for the paper's presets (docs/official-code.md), the
+# defaults of the flags not given: (preset, optimizer) -> {batch size: {flag: value}}. The β's
+# are half-lives in tokens, so that they carry over to other batch sizes by the paper's rule; β2
+# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's. paper_defaults fills the
+# gaps: another batch size, a preset without a row, muon.
+PAPER_SETTINGS = {
+    ("30m", "adam"): {1: dict(lr=1.7e-3, t1=40_000), 4: dict(lr=2e-3, t1=40_000),
+                      16: dict(lr=2e-3, t1=60_000), 64: dict(lr=3e-3, t1=200_000),
+                      256: dict(lr=5e-3, t1=1_000_000), 1024: dict(lr=5e-3, t1=3_000_000),
+                      4096: dict(lr=2.5e-3, t1=6_000_000)},
+    ("gpt2", "sgd"): {1: dict(lr=0.2)},
+    ("gpt2", "adam"): {1: dict(lr=2.4e-3, t2=7_100_000)},
+    ("gpt2", "adafactor"): {1: dict(lr=5e-3, t2=7_100_000)},
+    ("gpt3xl", "sgd"): {1: dict(lr=0.15)},
+    ("gpt3xl", "adam"): {1: dict(lr=6.7e-5, t2=14_200_000)},   # untuned: B = 512's 2e-4 / 3
+    ("gpt3xl", "adafactor"): {1: dict(lr=3.2e-3, t2=14_200_000)},
+}
+
+
+def paper_defaults(name, opt, batch):
+    """{flag: (value, where it comes from)} from PAPER_SETTINGS for a run of preset `name` (none
+    for tiny). A batch size without a row takes the nearest one's (in log scale); 30m, which has
+    only Adam's, takes gpt2's for the others; muon's rate is unpublished, and its embeddings' Adam
+    takes the adam row's rate and t2 (its t1 would be muon's momentum too)."""
+    if opt == "muon":
+        return {("adam_lr" if flag == "lr" else flag): v for flag, v in
+                paper_defaults(name, "adam", batch).items() if flag != "t1"}
+    m = name if (name, opt) in PAPER_SETTINGS else {"30m": "gpt2"}.get(name)
+    if (m, opt) not in PAPER_SETTINGS:
+        return {}
+    b = min(PAPER_SETTINGS[m, opt], key=lambda b: (abs(math.log(b / batch)), b))
+    where = f"paper, {m} {opt}, B = {b}" + (", the nearest published" if (m, b) != (name, batch)
+                                            else "")
+    return {flag: (value, where) for flag, value in PAPER_SETTINGS[m, opt][b].items()}
+
+
+def paper_tokens(name, cfg):
+    """(the paper's budget in tokens, its rule) for preset `name`, or None (tiny): 20 tokens per
+    active parameter (Chinchilla's rule; 598,310,400 for 30m), but a fixed 10B for GPT-3 XL."""
+    if name == "gpt3xl":
+        return 10 ** 10, "a fixed 10B"
+    if name in ("30m", "gpt2"):
+        return 20 * model.active_params(cfg), "20 tokens per active parameter"
+    return None
 
 
 def conditional_flags(args):
