@@ -53,14 +53,16 @@ def common_flags():
         "train.PAPER_SETTINGS; else " + ", ".join(f"{name} {o['lr']:g}" for name, o in
                                                   table.items()) + ")")
     add("--adam-lr", type=float, help="muon only: the peak learning rate of its Adam for the "
-        f"embeddings (default adam's, {table['adam']['lr']:g})")
+        f"embeddings (default adam's, {table['adam']['lr']:g}, or the paper's at its presets)")
     b1, b2 = p.add_mutually_exclusive_group(), p.add_mutually_exclusive_group()
     b1.add_argument("--b1", type=float, help="first-moment decay: β1 (adam 0.9), momentum (sgd 0, "
                     "muon 0.95)")
-    b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1")
+    b1.add_argument("--t1", type=count, help="first-moment half-life in tokens, instead of --b1 "
+                    "(default: the paper's at its presets, for adam)")
     b2.add_argument("--b2", type=float, help="second-moment decay β2 (adam, adafactor, muon)")
     b2.add_argument("--t2", type=count, help="second-moment half-life in tokens, instead of --b2 "
-                    "(default 10M, the paper's: β2 then follows the batch size)")
+                    "(default 10M, the paper's: β2 then follows the batch size; at gpt2 and "
+                    "gpt3xl their β2 0.9999 at B = 1)")
     add("--weight-decay", type=float, default=0.0,
         help="decoupled weight decay, adam only (%(default)s, as the paper at small batch)")
     add("--adafactor-decay", choices=["constant", "power"], help="adafactor's β2: constant, from "
