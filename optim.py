@@ -77,20 +77,20 @@ QKV = ("wq", "wk", "wv")   # [D, H·K]: head h owns columns h·K to (h + 1)·K; 
 
 
 def _heads(name, x, heads):
-    """[rows, cols] -> [slices, r, c]: each head apart, as in the official einsum kernels."""
-    if name.endswith(QKV):
+    """[rows, cols] -> [slices, r, c]: q, k, v [H, D, K], wo [H, K, D], as the official kernels."""
+    if name.split(".")[-1] in QKV:
         return x.reshape(x.shape[0], heads, -1).swapaxes(0, 1)                # [H, D, K]
-    return x.reshape(heads, -1, x.shape[1]) if name.endswith("wo") else x[None]   # [H, K, D]
+    return x.reshape(heads, -1, x.shape[1]) if name.split(".")[-1] == "wo" else x[None]
 
 
 def _unheads(name, x, shape):                        # _heads undone: [slices, r, c] -> shape
-    return (x.swapaxes(0, 1) if name.endswith(QKV) else x).reshape(shape)
+    return (x.swapaxes(0, 1) if name.split(".")[-1] in QKV else x).reshape(shape)
 
 
 def _kernel_rms(tree):
     """{name: RMS} per official kernel: q, k and v of a block are one [3, H, D, K] kernel there,
     so they share one RMS (the mean of their three mean squares: they have equal sizes)."""
-    kernel = lambda name: name[:-2] + "qkv" if name.endswith(QKV) else name
+    kernel = lambda name: name[:-2] + "qkv" if name.split(".")[-1] in QKV else name
     squares = {}
     for name, x in tree.items():
         squares.setdefault(kernel(name), []).append(jnp.mean(jnp.square(x)))
@@ -114,9 +114,9 @@ def adafactor(b2=0.999, clip=1.0, eps=1e-30, min_dim_to_factor=128, decay_power=
     """
     def init(params):
         def leaf(name, p):
-            S, r, c = _heads(name, p, heads).shape
-            if min(r, c) >= min_dim_to_factor:
-                return {"v_row": jnp.zeros((S, r), f32), "v_col": jnp.zeros((S, c), f32)}
+            shape = _heads(name, p, heads).shape                              # [S, r, c]
+            if p.ndim == 2 and min(shape[1:]) >= min_dim_to_factor:
+                return {"v_row": jnp.zeros(shape[:2], f32), "v_col": jnp.zeros(shape[::2], f32)}
             return {"v": jnp.zeros(p.shape, f32)}
         return {"v": {name: leaf(name, p) for name, p in params.items()}, "t": jnp.int32(0)}
 
@@ -254,7 +254,7 @@ def lr_at(step, n_steps, peak_lr, warmup_frac):
     """Linear warmup from 0 over the first int(warmup_frac · n_steps) steps (whole steps, as the
     official code counts them), then cosine decay to 0, at every batch size (the paper's schedule).
 
-    Works on Python numbers and on traced arrays, so the train step computes it on device.
+    n_steps is a number; step may be a traced array, so the train step computes it on device.
     """
     warmup = int(warmup_frac * n_steps)
     ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0

@@ -1273,6 +1273,10 @@ def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypat
     assert "peak lr 0.04 (tiny default, none published), adam-lr 0.0017 for the embeddings" in line
     line, got = optimizer("--model", "30m", "--opt", "adam", "--lr", "0.001", "--b1", "0.9")
     assert (got["lr"], got["b1"]) == (0.001, 0.9) and "paper" not in line.split("b2")[0]
+    line, got = optimizer("--model", "gpt2", "--opt", "adam")       # β2 0.9999 at B = 1
+    assert (got["lr"], got["b1"], round(got["b2"], 6)) == (0.0024, 0.9, 0.9999)
+    line, got = optimizer("--model", "gpt2", "--opt", "adam", "--b2", "0.99")
+    assert got["b2"] == 0.99 and "paper" not in line.split("b2")[1]
     line, got = optimizer("--opt", "sgd")
     assert line.startswith("optimizer  sgd: peak lr 0.7 (tiny default), momentum 0")
     line, got = optimizer("--opt", "adam")
@@ -1282,7 +1286,8 @@ def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypat
 def test_the_papers_presets_train_its_budget_when_the_data_hold_it(tmp_path, monkeypatch, capsys):
     """A paper preset (30m, given a small shape here) trains 20 tokens per active parameter,
     20 x (12 L D² + D V) = 20 x (12 x 16² + 16 x 512) = 225,280 tokens, when --data holds more,
-    and one pass, said to be shorter than the paper's, when it holds less; --tokens still wins."""
+    and one pass, said to be shorter than the paper's, when it holds less; --tokens still wins
+    and a longer run says so; GPT-3 XL's budget is a fixed 10B, tiny has none."""
     monkeypatch.setitem(model.PRESETS, "30m", model.Config(V=512, D=16, L=1, H=1, T=16))
     budget = 20 * (12 * 16 ** 2 + 16 * 512)
     for n_ids, more in [(300_000, True), (200_000, False)]:
@@ -1296,6 +1301,10 @@ def test_the_papers_presets_train_its_budget_when_the_data_hold_it(tmp_path, mon
         schedule = startup_lines(monkeypatch, capsys, flags)["schedule"]
         assert (f"{budget:,} tokens (20 tokens per active parameter, as the paper)" in schedule
                 if more else f"(shorter than the paper's {budget:,}, 20 tokens per" in schedule)
+    schedule = startup_lines(monkeypatch, capsys, [*flags, "--tokens", "300k"])["schedule"]
+    assert f"(longer than the paper's {budget:,}, 20 tokens per active parameter)" in schedule
+    assert train.paper_tokens("gpt3xl", model.PRESETS["gpt3xl"])[0] == 10 ** 10   # as the paper
+    assert train.paper_tokens("tiny", model.PRESETS["tiny"]) is None          # one pass
 
 
 # -- checkpoints, resume, divergence (runs that survive) ----------------------------------------
@@ -1815,10 +1824,11 @@ def test_study_end_to_end_writes_its_tables_and_reuses_finished_runs(tmp_path, m
 
 
 def test_memory_rows_match_a_count_by_hand():
-    """experiments.memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32 weight, 2 a
-    bf16 one; adam holds m and v (8 bytes a parameter) plus its step; adafactor one row and one
-    column mean per matrix (per head for attention) plus its step; muon m for the matrices and Adam's m and v for the
-    embeddings, plus two steps; the accumulation buffer 4 bytes a parameter."""
+    """experiments.memory's bytes for the 30m preset equal a count by hand: 4 bytes a float32
+    weight, 2 a bf16 one; adam holds m and v (8 bytes a parameter) plus its step; adafactor one
+    row and one column mean per matrix (per head for attention) plus its step; muon m for the
+    matrices and Adam's m and v for the embeddings, plus two steps; the accumulation buffer 4
+    bytes a parameter."""
     cfg = model.PRESETS["30m"]
     matrices = [(cfg.V, cfg.D), (cfg.D, cfg.V)] + cfg.L * [(cfg.D, cfg.D)] * 4 + cfg.L * [
         (cfg.D, 4 * cfg.D), (4 * cfg.D, cfg.D)]
@@ -1997,7 +2007,8 @@ def test_exercise_1_lion_is_one_function_and_one_table_entry(exercise, monkeypat
     lion_loss, _ = exercise("lion", "--opt", "lion")
     n_params = 2 * 50_257 * 64 + 4 * 12 * 64 * 64      # the tiny preset, counted by hand
     printed = capsys.readouterr().out
-    assert "optimizer  lion: peak lr 0.002 (tiny default), b1 0.9 (half-life 842.1 tokens)" in printed
+    assert ("optimizer  lion: peak lr 0.002 (tiny default), b1 0.9 (half-life 842.1 tokens)"
+            in printed)
     assert f"optimizer state {4 * n_params:,} bytes (float32)" in printed
     assert exercise("sgd")[0] > lion_loss + 0.5
     status = train.run_program(train.main, ["--opt", "lion", "--t2", "1M", "--out", "/dev/null/x"])

@@ -462,18 +462,20 @@ def parse_args(parser, argv=None):
 # The official code's tuned settings for the paper's presets (docs/official-code.md), the
 # defaults of the flags not given: (preset, optimizer) -> {batch size: {flag: value}}. The β's
 # are half-lives in tokens, so that they carry over to other batch sizes by the paper's rule; β2
-# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's. paper_defaults fills the
-# gaps: another batch size, a preset without a row, muon.
+# 0.9999 at B = 1 is t2 7.1M tokens at gpt2's T, 14.2M at gpt3xl's, as is 0.95 at B = 512 (the
+# AdamW baselines, whose weight decay 0.1 is not a default here). paper_defaults fills the gaps:
+# another batch size, a preset without a row, muon.
 PAPER_SETTINGS = {
     ("30m", "adam"): {1: dict(lr=1.7e-3, t1=40_000), 4: dict(lr=2e-3, t1=40_000),
                       16: dict(lr=2e-3, t1=60_000), 64: dict(lr=3e-3, t1=200_000),
                       256: dict(lr=5e-3, t1=1_000_000), 1024: dict(lr=5e-3, t1=3_000_000),
                       4096: dict(lr=2.5e-3, t1=6_000_000)},
     ("gpt2", "sgd"): {1: dict(lr=0.2)},
-    ("gpt2", "adam"): {1: dict(lr=2.4e-3, t2=7_100_000)},
+    ("gpt2", "adam"): {1: dict(lr=2.4e-3, t2=7_100_000), 512: dict(lr=4.8e-3, t2=7_100_000)},
     ("gpt2", "adafactor"): {1: dict(lr=5e-3, t2=7_100_000)},
     ("gpt3xl", "sgd"): {1: dict(lr=0.15)},
-    ("gpt3xl", "adam"): {1: dict(lr=6.7e-5, t2=14_200_000)},   # untuned: B = 512's 2e-4 / 3
+    ("gpt3xl", "adam"): {1: dict(lr=6.7e-5, t2=14_200_000),   # untuned: B = 512's 2e-4 / 3
+                         512: dict(lr=2e-4, t2=14_200_000)},
     ("gpt3xl", "adafactor"): {1: dict(lr=3.2e-3, t2=14_200_000)},
 }
 
@@ -661,9 +663,11 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
                     for name, beta in betas.items())
           + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if s.adafactor_decay == "power"
              else "") + f", weight decay {s.weight_decay:g}")
-    paper_budget, rule = paper_tokens(s.model, cfg) or (0, "")
-    budget = (f" ({rule}, as the paper)" if s.tokens + tokens_per_step > paper_budget else
-              f" (shorter than the paper's {paper_budget:,}, {rule})") if paper_budget else ""
+    budget, (paper, rule) = "", paper_tokens(s.model, cfg) or (0, "")
+    if paper:                 # the paper's budget to a whole step, or shorter, or longer
+        budget = (f" ({rule}, as the paper)" if paper - tokens_per_step < s.tokens <= paper else
+                  f" ({'shorter' if s.tokens < paper else 'longer'} than the paper's {paper:,}, "
+                  f"{rule})")
     print(f"schedule   {s.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens{budget}; warmup {s.warmup:g} "
           f"({int(s.warmup * n_steps):,} steps), then cosine to 0")

@@ -134,7 +134,7 @@ def main(argv=None):
     budget -= budget % big_step
     t2 = optim.halflife_from_beta(0.95, max(STUDY_BATCHES) * cfg.T)
     config = {"model": dataclasses.asdict(cfg), "tokens": budget, "batches": STUDY_BATCHES,
-              "settings": STUDY_SETTINGS, "t2": t2, "seed": args.seed, "warmup": 0.05,
+              "settings": STUDY_SETTINGS, "t2": t2, "seed": args.seed, "warmup": "int(0.05 N)",
               "data_sha256": data.fingerprint(train_tokens, val_tokens)}
     config = json.loads(json.dumps(config))     # tuples as lists, as they come back from a file
     try:
@@ -282,7 +282,7 @@ def study_markdown(result):
 `{result['command']}` on {result['device']}, JAX {result['versions']['jax']}: \
 {result['seconds'] / 60:.1f} min{reused}. Model V={m['V']}{vocab} D={m['D']} L={m['L']} H={m['H']} \
 T={m['T']}; \
-every run trains {c['tokens']:,} tokens (warmup {c['warmup']:g}, then cosine to 0) and is scored \
+every run trains {c['tokens']:,} tokens (warmup {c['warmup']} steps, then cosine to 0) and is scored \
 by its final validation loss. Adam's β1 = 0.9; "t2 fixed" sets β2 from a half-life of \
 {c['t2']:,.0f} tokens, the half-life of β2 = 0.95 at B = {max(c['batches'])}.
 
