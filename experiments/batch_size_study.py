@@ -282,7 +282,7 @@ def study_markdown(result):
 `{result['command']}` on {result['device']}, JAX {result['versions']['jax']}: \
 {result['seconds'] / 60:.1f} min{reused}. Model V={m['V']}{vocab} D={m['D']} L={m['L']} H={m['H']} \
 T={m['T']}; \
-every run trains {c['tokens']:,} tokens (warmup {c['warmup']} steps, then cosine to 0) and is scored \
+every run trains {c['tokens']:,} tokens (warmup {c['warmup']} steps, cosine to 0) and is scored \
 by its final validation loss. Adam's β1 = 0.9; "t2 fixed" sets β2 from a half-life of \
 {c['t2']:,.0f} tokens, the half-life of β2 = 0.95 at B = {max(c['batches'])}.
 
