@@ -1273,10 +1273,10 @@ def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypat
     assert "peak lr 0.04 (tiny default, none published), adam-lr 0.0017 for the embeddings" in line
     line, got = optimizer("--model", "30m", "--opt", "adam", "--lr", "0.001", "--b1", "0.9")
     assert (got["lr"], got["b1"]) == (0.001, 0.9) and "paper" not in line.split("b2")[0]
-    line, got = optimizer("--model", "gpt2", "--opt", "adam")       # β2 0.9999 at B = 1
-    assert (got["lr"], got["b1"], round(got["b2"], 6)) == (0.0024, 0.9, 0.9999)
-    line, got = optimizer("--model", "gpt2", "--opt", "adam", "--b2", "0.99")
-    assert got["b2"] == 0.99 and "paper" not in line.split("b2")[1]
+    gpt2 = train.settings(train.common_flags(), ["--model", "gpt2", "--opt", "adam"])
+    assert (gpt2.lr, round(0.5 ** (1024 / gpt2.t2), 6)) == (0.0024, 0.9999)   # β2 at B = 1
+    gpt2 = train.settings(train.common_flags(), ["--model", "gpt2", "--opt", "adam", "--b2", "0.99"])
+    assert (gpt2.b2, gpt2.t2) == (0.99, None)          # a β given: the table's half-life yields
     line, got = optimizer("--opt", "sgd")
     assert line.startswith("optimizer  sgd: peak lr 0.7 (tiny default), momentum 0")
     line, got = optimizer("--opt", "adam")
