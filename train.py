@@ -523,9 +523,8 @@ def fill_run_defaults(args):
     """The defaults that depend on the run, for the flags not given: the paper's settings at its
     presets (a half-life only where its β is not given either), --lr from the optimizer's table,
     the matmuls in the parameters' dtype, and the conditional flags where they apply."""
-    batch = getattr(args, "batch", 1)         # the parsers of experiments/ may have no --batch
-    paper = [(flag, value) for flag, (value, _) in paper_defaults(args.model, args.opt,
-                                                                  batch).items()
+    table = paper_defaults(args.model, args.opt, getattr(args, "batch", 1))   # experiments/: B 1
+    paper = [(flag, value) for flag, (value, _) in table.items()
              if flag not in ("t1", "t2") or getattr(args, "b" + flag[1]) is None]
     for name, value in paper + [("lr", optim.OPTIMIZERS[args.opt]["lr"]),
                         ("compute_dtype", args.param_dtype)] + [
@@ -663,11 +662,11 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
                     for name, beta in betas.items())
           + (f", β2_t = 1 − t^(−{betas['b2']:.6g}) (official)" if s.adafactor_decay == "power"
              else "") + f", weight decay {s.weight_decay:g}")
-    budget, (paper, rule) = "", paper_tokens(s.model, cfg) or (0, "")
-    if paper:                 # the paper's budget to a whole step, or shorter, or longer
-        budget = (f" ({rule}, as the paper)" if paper - tokens_per_step < s.tokens <= paper else
-                  f" ({'shorter' if s.tokens < paper else 'longer'} than the paper's {paper:,}, "
-                  f"{rule})")
+    budget, (paper_budget, rule) = "", paper_tokens(s.model, cfg) or (0, "")
+    if paper_budget:          # the paper's budget to a whole step, or shorter, or longer
+        budget = (f" ({rule}, as the paper)" if 0 <= paper_budget - s.tokens < tokens_per_step
+                  else f" ({'shorter' if s.tokens < paper_budget else 'longer'} than the "
+                  f"paper's {paper_budget:,}, {rule})")
     print(f"schedule   {s.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens{budget}; warmup {s.warmup:g} "
           f"({int(s.warmup * n_steps):,} steps), then cosine to 0")
