@@ -1257,9 +1257,11 @@ def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypat
     """At 30m Adam starts from the official settings (docs/defaults.md: B = 1 lr 0.0017, β1 0.9912,
     β2 0.999965; B = 64 lr 0.003, β1 0.8926, β2 0.997731), SGD from GPT-2's 0.2, Muon's embeddings
     from the Adam row; a flag given wins; tiny keeps its own defaults (sgd 0.7, adam 0.005, 0.9)."""
-    flags = ["--data", str(small_corpus(tmp_path, 150_000)), "--out", str(tmp_path / "run")]
+    ids = tmp_path / "ids.bin"                 # 60k token ids: enough for B = 64 at T = 512
+    np.random.default_rng(0).integers(0, 50_257, 60_000).astype(np.uint16).tofile(ids)
     def optimizer(*argv):
-        line = startup_lines(monkeypatch, capsys, [*flags, *argv])["optimizer"]
+        line = startup_lines(monkeypatch, capsys, ["--data", str(ids), "--out",
+                                                   str(tmp_path / "run"), *argv])["optimizer"]
         numbers = {name: float(value) for name, value in re.findall(r"(lr|b1|b2) ([\d.e-]+)", line)}
         return line, numbers
     line, got = optimizer("--model", "30m", "--opt", "adam")
@@ -1267,20 +1269,21 @@ def test_the_papers_presets_start_from_its_official_settings(tmp_path, monkeypat
     assert (got["lr"], round(got["b1"], 4), round(got["b2"], 6)) == (0.0017, 0.9912, 0.999965)
     line, got = optimizer("--model", "30m", "--opt", "adam", "--batch", "64")
     assert (got["lr"], round(got["b1"], 4), round(got["b2"], 6)) == (0.003, 0.8926, 0.997731)
-    line, got = optimizer("--model", "30m", "--opt", "sgd")
-    assert "peak lr 0.2 (paper, gpt2 sgd, B = 1, the nearest published)" in line
     line, got = optimizer("--model", "30m", "--opt", "muon")
     assert "peak lr 0.04 (tiny default, none published), adam-lr 0.0017 for the embeddings" in line
-    line, got = optimizer("--model", "30m", "--opt", "adam", "--lr", "0.001", "--b1", "0.9")
-    assert (got["lr"], got["b1"]) == (0.001, 0.9) and "paper" not in line.split("b2")[0]
-    gpt2 = train.settings(train.common_flags(), ["--model", "gpt2", "--opt", "adam"])
-    assert (gpt2.lr, round(0.5 ** (1024 / gpt2.t2), 6)) == (0.0024, 0.9999)   # β2 at B = 1
-    gpt2 = train.settings(train.common_flags(), ["--model", "gpt2", "--opt", "adam", "--b2", "0.99"])
-    assert (gpt2.b2, gpt2.t2) == (0.99, None)          # a β given: the table's half-life yields
     line, got = optimizer("--opt", "sgd")
     assert line.startswith("optimizer  sgd: peak lr 0.7 (tiny default), momentum 0")
-    line, got = optimizer("--opt", "adam")
-    assert (got["lr"], got["b1"]) == (0.005, 0.9) and "paper" not in line
+    assert train.paper_defaults("30m", "sgd", 1) == {
+        "lr": (0.2, "paper, gpt2 sgd, B = 1, the nearest published")}
+    flags = lambda *argv: train.settings(train.common_flags(), list(argv))
+    given = flags("--model", "30m", "--opt", "adam", "--lr", "0.001", "--b1", "0.9")
+    assert (given.lr, given.b1, given.t1) == (0.001, 0.9, None)
+    gpt2 = flags("--model", "gpt2", "--opt", "adam")
+    assert (gpt2.lr, round(0.5 ** (1024 / gpt2.t2), 6)) == (0.0024, 0.9999)   # β2 at B = 1
+    gpt2 = flags("--model", "gpt2", "--opt", "adam", "--b2", "0.99")
+    assert (gpt2.b2, gpt2.t2) == (0.99, None)          # a β given: the table's half-life yields
+    tiny = flags("--opt", "adam")
+    assert (tiny.lr, tiny.b1, tiny.t1, tiny.t2) == (0.005, None, None, None)   # optim's 0.9, 10M
 
 
 def test_the_papers_presets_train_its_budget_when_the_data_hold_it(tmp_path, monkeypatch, capsys):
