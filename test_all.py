@@ -1088,12 +1088,12 @@ def test_model_flops_per_token_by_hand():
         assert model.flops_per_token(cfg) == 6 * multiplied + 12 * cfg.L * cfg.T * cfg.D
 
 
-def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, capsys):
+def test_vanilla_sgd_run_reports_zero_state_bytes(tmp_path, monkeypatch, capsys):
     """The start-up report of the headline run (batch 1, sgd) says it holds 0 bytes of state."""
-    train.main(["--opt", "sgd", "--batch", "1", "--data", str(small_corpus(tmp_path)),
-                "--tokens", "128", "--sample", "0", "--out", str(tmp_path / "run")])
-    printed = capsys.readouterr().out
-    assert "optimizer state 0 bytes" in printed and "1 steps" in printed
+    printed = startup_lines(monkeypatch, capsys, [
+        "--opt", "sgd", "--batch", "1", "--data", str(small_corpus(tmp_path)), "--tokens", "128",
+        "--sample", "0", "--out", str(tmp_path / "run")])
+    assert "optimizer state 0 bytes" in printed["memory"] and " 1 steps" in printed["schedule"]
 
 
 def test_a_short_muon_run_learns(tmp_path, capsys):
@@ -1239,16 +1239,17 @@ def test_readme_model_table_matches_the_presets():
 
 # -- the paper's settings at its presets: its tuned values, its budget --------------------------
 
-class Compiling(Exception):
-    """Raised instead of compiling: the start-up lines are printed by then."""
+class Printed(Exception):
+    """Raised once the start-up lines are printed, before the model is allocated."""
 
 
 def startup_lines(monkeypatch, capsys, argv):
-    """{first word: line} of what `python train.py argv` prints before it compiles anything."""
-    def stop(*args, **kwargs):
-        raise Compiling
-    monkeypatch.setattr(train, "compile_calls", stop)
-    with pytest.raises(Compiling):
+    """{first word: line} of the start-up lines of `python train.py argv`, nothing trained."""
+    def print_then_stop(*args, print_settings=train.print_settings):
+        print_settings(*args)
+        raise Printed
+    monkeypatch.setattr(train, "print_settings", print_then_stop)
+    with pytest.raises(Printed):
         train.main(argv)
     return {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
 
