@@ -31,6 +31,8 @@ class Config:
     H: int = 1
     T: int = 128
     dtype: str = "float32"  # what the matrix multiplies take (--compute-dtype); see dense
+    remat: bool = False     # recompute each block in the backward pass (--remat); see forward
+    attention: str = "einsum"   # or "fused": jax.nn.dot_product_attention (--attention)
 
     @property
     def K(self):
@@ -133,23 +135,35 @@ def attention(x, w, cfg):
     B, T, _ = x.shape                                            # x: [B, T, D]
     q, k, v = (dense(x, w[n], cfg).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
     q, k = rope(rms_norm(q)), rope(rms_norm(k))                  # [B, T, H, K]
-    s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(cfg.K)   # [B, H, T, T]
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)  # token t sees only s <= t
-    a = jax.nn.softmax(s, axis=-1)
-    return dense(jnp.einsum("bhts,bshk->bthk", a, v).reshape(B, T, cfg.D), w["wo"], cfg)
+    if cfg.attention == "fused":   # one call, in cfg.dtype: cuDNN's fused kernel on NVIDIA
+        # GPUs (bfloat16), XLA's elsewhere; the same arithmetic as below, never a [T, T] in HBM
+        dtype = jnp.dtype(cfg.dtype)
+        o = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                         is_causal=True).astype(jnp.float32)
+    else:
+        s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(cfg.K)   # [B, H, T, T]
+        s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)  # t sees only s <= t
+        o = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, axis=-1), v)   # [B, T, H, K]
+    return dense(o.reshape(B, T, cfg.D), w["wo"], cfg)
 
 
 def mlp(x, w, cfg):
     return dense(jax.nn.gelu(dense(x, w["w_up"], cfg)), w["w_down"], cfg)   # via [B, T, F]
 
 
+def block(h, w, cfg):
+    h = h + attention(rms_norm(h), w, cfg)
+    return h + mlp(rms_norm(h), w, cfg)
+
+
 def forward(params, x, cfg, at=None):
-    """Token ids [B, T] -> float32 logits [B, T, V], or [B, V] at position `at` only (dense)."""
+    """Token ids [B, T] -> float32 logits [B, T, V], or [B, V] at position `at` only (dense).
+    With cfg.remat, the backward pass recomputes each block's activations from its input
+    (jax.checkpoint): it keeps L inputs [B, T, D] instead of every block's intermediates."""
     h = params["embed"][x].astype(jnp.float32)                   # [B, T, D]
+    run_block = jax.checkpoint(block, static_argnums=2) if cfg.remat else block
     for l in range(cfg.L):
-        w = {name: params[f"blocks.{l}.{name}"] for name in BLOCK}
-        h = h + attention(rms_norm(h), w, cfg)
-        h = h + mlp(rms_norm(h), w, cfg)
+        h = run_block(h, {name: params[f"blocks.{l}.{name}"] for name in BLOCK}, cfg)
     return dense(rms_norm(h if at is None else h[:, at]), params["unembed"], cfg)
 
 

@@ -250,16 +250,16 @@ def halflife_from_beta(beta, tokens_per_step):
     return 0.0 if beta == 0 else tokens_per_step * math.log(0.5) / math.log(beta)
 
 
-def lr_at(step, n_steps, peak_lr, warmup_frac):
+def lr_at(step, n_steps, peak_lr, warmup_frac, schedule="cosine"):
     """Linear warmup from 0 over the first int(warmup_frac · n_steps) steps (whole steps, as the
-    official code counts them), then cosine decay to 0, at every batch size (the paper's schedule).
-
-    n_steps is a number; step may be a traced array, so the train step computes it on device.
-    """
+    official code counts them), then cosine decay to 0 at every batch size (the paper's
+    pretraining schedule), or, with schedule="constant", the peak to the end (its fine-tuning).
+    n_steps is a number; step may be a traced array, so the train step computes it on device."""
     warmup = int(warmup_frac * n_steps)
     ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0
     progress = jnp.clip((step - warmup) / (n_steps - warmup), 0.0, 1.0)
-    return peak_lr * ramp * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    decay = 1.0 if schedule == "constant" else 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return peak_lr * ramp * decay
 
 
 class StateError(Exception):

@@ -465,7 +465,33 @@ def test_lr_schedule_endpoints():
     assert float(optim.lr_at(1, 30, 0.3, 0.05)) == pytest.approx(0.3)    # not 1 / 1.5 of it
 
 
+def test_constant_schedule_is_flat_after_warmup():
+    """schedule="constant" (fine-tuning) warms up as the cosine does, then holds the peak to the
+    last step, where the cosine has decayed to 0."""
+    lr = lambda step: float(optim.lr_at(step, 1000, 0.3, 0.05, "constant"))
+    assert lr(0) == 0.0 and lr(25) == pytest.approx(0.15)
+    assert lr(50) == lr(525) == lr(999) == lr(1000) == pytest.approx(0.3)
+
+
 # -- model -------------------------------------------------------------------------------------
+
+def test_remat_and_fused_attention_change_no_loss_or_gradient():
+    """jax.checkpoint per block (remat) recomputes the same arithmetic, and jax.nn's
+    dot_product_attention computes today's attention: loss and gradients agree with the
+    written-out einsum attention to float32 tolerance, at two heads (so the heads' layout too)."""
+    cfg = dataclasses.replace(SMALL, T=32)
+    params = model.init_params(jax.random.key(0), cfg)
+    x = jax.random.randint(jax.random.key(1), (2, cfg.T), 0, cfg.V)
+    y = jnp.roll(x, -1, axis=1)
+    loss_and_grad = jax.jit(jax.value_and_grad(model.loss_fn), static_argnums=3)
+    loss, grads = loss_and_grad(params, x, y, cfg)
+    for remat, attention in [(True, "einsum"), (False, "fused"), (True, "fused")]:
+        other = dataclasses.replace(cfg, remat=remat, attention=attention)
+        loss2, grads2 = loss_and_grad(params, x, y, other)
+        assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+        for name in params:
+            np.testing.assert_allclose(grads2[name], grads[name], rtol=1e-4, atol=1e-6)
+
 
 def test_forward_shapes_finite_and_initial_loss():
     """At init the logits are nearly N(0, 1) (unit-RMS features times N(0, 1/D) output embeddings),
@@ -1405,6 +1431,36 @@ def test_resume_refuses_another_model_or_optimizer(tmp_path, monkeypatch, capsys
         assert status == 2 and message in err and err.count("\n") == 1
 
 
+def test_init_from_starts_from_the_saved_parameters(tmp_path, capsys, narrow):
+    """--init-from starts a new run from a finished run's parameters on its model: its first
+    evaluation equals the saved run's last on the same data, its optimizer starts afresh (step 0,
+    warmup), --schedule constant holds the peak rate, resume trains it further; another --model,
+    or a params.npz that does not fit the model, is one sentence and exit 2."""
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert train.run_program(train.main, run_flags(tmp_path) + ["--out", str(pre)]) == 0
+    final = json.loads((pre / "config.json").read_text())["final_val_loss"]
+    capsys.readouterr()
+    flags = run_flags(tmp_path) + ["--init-from", str(pre), "--schedule", "constant",
+                                   "--tokens", "3k", "--out", str(ft)]
+    assert train.run_program(train.main, flags) == 0
+    printed, log = capsys.readouterr().out, events(ft)
+    assert f"init       from {pre}/params.npz" in printed and "then constant" in printed
+    assert log[0]["step"] == 0 and log[0]["val_loss"] == pytest.approx(final, rel=1e-6)
+    rates = [e["lr"] for e in log if "lr" in e]
+    assert rates[-1] == pytest.approx(0.7) and len(rates) >= 2   # tiny SGD's peak, to the end
+    assert train.run_program(train.main, ["--resume", "--out", str(ft), "--tokens", "4k"]) == 0
+    assert events(ft)[-1]["step"] == 4_000 // 128 and capsys.readouterr().err == ""
+    np.savez(tmp_path / "params.npz", embed=np.zeros((50_257, 16), np.float32))
+    shutil.copy(pre / "config.json", tmp_path / "config.json")
+    for more, message in [(["--model", "30m"], "--model 30m differs from the model of "
+                                               f"--init-from {pre}, tiny"),
+                          (["--init-from", str(tmp_path)], "params.npz does not hold the "
+                           "parameters of this model (params.blocks.0.w_down is missing there")]:
+        status = train.run_program(train.main, flags + ["--out", str(tmp_path / "x")] + more)
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path, capsys):
     """A truncated checkpoint and one of another format version are refused with one sentence
     and exit 2, before anything is compiled."""
@@ -1431,7 +1487,7 @@ def test_a_checkpoint_of_another_model_is_refused_not_used(exercise, monkeypatch
     for more in (["--sample", "5"], ["--tokens", "9k"]):  # sample it, or train it further
         assert train.run_program(train.main, ["--resume", "--out", str(out), *more]) == 2
         err = capsys.readouterr().err
-        assert "does not hold the parameters and state of this model" in err, err
+        assert "does not hold the parameters" in err and "of this model" in err, err
         assert "params.unembed is [64, 50257] there, not used here" in err and err.count("\n") == 1
     with pytest.raises(train.UsageError, match=r"params.unembed is missing there, \[2, 3\] here"):
         train.restore({"params.embed": np.zeros((3, 2))},      # a tied run, an untied model
@@ -1941,7 +1997,7 @@ def test_imports_are_star_shaped():
         assert not imports_of(HERE / f"{name}.py") & (core | {"experiments"}), name
     programs = sorted(p for p in (HERE / "experiments").glob("*.py") if p.stem != "__init__")
     assert [p.stem for p in programs] == ["batch_size_study", "bf16_rounding", "find_batch",
-                                          "memory", "momentum_toy"]
+                                          "finetune", "memory", "momentum_toy"]
     for path in programs:
         found = imports_of(path)
         assert "experiments" not in found and not any(n.startswith("experiments.") for n in found)

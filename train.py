@@ -85,10 +85,17 @@ def make_parser():
         "micro-batches whose gradients are summed in float32 (default 1: none)")
     add("--warmup", type=float, default=0.05, help="fraction of steps in warmup, rounded down to "
         "whole steps as the official code (%(default)s)")
+    add("--schedule", choices=["cosine", "constant"], default="cosine", help="after warmup, cosine "
+        "to 0 (the paper's pretraining; default) or the peak to the end (its fine-tuning)")
+    add("--init-from", help="fine-tune: start from the parameters of the finished run in this "
+        "folder (its params.npz, on its --model), not from its optimizer state, step or schedule")
+    add("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
+    add("--attention", choices=["einsum", "fused"], default="einsum", help="written out (default), "
+        "or jax.nn.dot_product_attention (cuDNN's fused kernel on NVIDIA GPUs)")
     add("--tokens", type=count, help="training budget in tokens (default: one pass over the data; "
         "at the paper's presets its budget, 20 tokens per active parameter, if the data hold it)")
     add("--out", help="output folder (default out/<model>-<opt>-b<batch>, plus -accum<N> with "
-        "--grad-accum N and -bf16-<rounding> for bf16 weights)")
+        "--grad-accum N, -bf16-<rounding> for bf16 weights, -from-<folder> with --init-from)")
     add("--log-tokens", type=count, default=16_384, help="log every this many tokens (%(default)s)")
     add("--eval-tokens", type=count, default=100_000, help="evaluate every this many tokens and "
         "at the end (%(default)s)")
@@ -164,13 +171,15 @@ def gradients(params, x, y, cfg, grad_accum=1):
     return losses.mean(), jax.tree.map(lambda g: g / grad_accum, total)
 
 
-def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None):
+def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None,
+                    schedule="cosine"):
     """The step to jit: (params, opt_state, stats, step, x, y, peak_lr) -> (params, opt_state,
-    stats). stats: the loss summed since the last log, and the first step whose loss was not
-    finite (or -1), on device until read. peak_lr is an array: the study vmaps over rates."""
+    stats), at optim.lr_at's rate. stats: the loss summed since the last log, and the first step
+    whose loss was not finite (or -1), on device until read. peak_lr is an array: the study vmaps
+    over rates."""
     def train_step(params, opt_state, stats, step, x, y, peak_lr):
         loss, grads = gradients(params, x, y, cfg, grad_accum)
-        lr = optim.lr_at(step, n_steps, peak_lr, warmup)
+        lr = optim.lr_at(step, n_steps, peak_lr, warmup, schedule)
         # grads come in the parameters' dtype (float32 when accumulated); every optimizer
         # computes in float32 (optim.py)
         updates, opt_state = opt.update(grads, opt_state, params, lr)
@@ -197,10 +206,6 @@ def make_multi_step(train_step):
     return multi_step
 
 
-def new_stats():
-    return {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
-
-
 def evaluate(params, x, y, cfg):
     """Mean loss over all validation windows x, y [N, T], one window at a time (8 at a time
     measured 2x slower on a 2-core CPU: the [8, T, V] logits make logsumexp memory-bound)."""
@@ -218,24 +223,27 @@ def main(argv=None):
     if splits is None:                # --resume of a finished run: a sample, and no optimizer
         print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
               f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
-        return print_sample(restore(ckpt, {"params": shapes}, out), cfg, s)
+        return print_sample(restore(ckpt, {"params": shapes}, out / "ckpt.npz"), cfg, s)
     train_tokens, val_tokens, data_hash = splits
     n_steps, start = s.tokens // tokens_per_step, meta["step"] if s.resume else 0
     opt, betas = make_optimizer(s, tokens_per_step, heads=cfg.H)
     state_shapes = check_optimizer(opt, shapes, s.opt)    # before anything is compiled
     if s.resume:   # the checkpoint's state exactly (if it is this model's and optimizer's)
-        params, opt_state, key, stats = restore(ckpt, {"params": shapes,
-                                                       "opt_state": state_shapes}, out)
+        params, opt_state, key, stats = restore(ckpt, {"params": shapes, "opt_state":
+                                                       state_shapes}, out / "ckpt.npz")
+    elif s.init_from:   # fine-tuning: that run's parameters, not its state, step or schedule
+        params = restore(ckpt, {"params": shapes}, Path(s.init_from) / "params.npz")
     log_file = open_log(out, start if s.resume else None)   # the first thing written
     print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens, start)
 
     # -- parameters, optimizer state, and the one jitted step ------------------------------
     if not s.resume:   # a resumed run goes on from the checkpoint's, as if never stopped
         key = jax.random.key(s.seed)
-        params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), s.param_dtype)
+        if not s.init_from:
+            params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), s.param_dtype)
         opt_state, stats = opt.init(params), new_stats()
     step_fn = make_train_step(cfg, opt, n_steps, s.warmup, s.grad_accum, s.rounding,
-                              key=jax.random.fold_in(key, 2))    # the rounding's random bits
+                              jax.random.fold_in(key, 2), s.schedule)   # the rounding's bits
     intervals = (s.log_tokens, s.eval_tokens, s.ckpt_tokens)  # tokens between looks, for each
     peak_lr, t0 = jnp.float32(s.lr), time.time()
     call, per_call = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
@@ -243,8 +251,7 @@ def main(argv=None):
                                    s.steps_per_call)
     call(1), call(per_call)    # both lengths now, so that no compilation falls inside the loop
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {per_call} steps per call ("
-          + ("--steps-per-call" if s.steps_per_call else "timed; --steps-per-call sets it")
-          + "), and 1 to end a call where the loop must look")
+          f"{'--steps-per-call' if s.steps_per_call else 'timed'}), 1 where the loop must look")
     val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
     evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
 
@@ -268,6 +275,7 @@ def main(argv=None):
 
     def checkpoint(done):
         """Everything needed to go on exactly from step `done`, written atomically."""
+        nonlocal saved_step
         info = {"version": CKPT_VERSION, "args": vars(s), "step": done, "n_steps": n_steps,
                 "tokens": done * tokens_per_step, "window_start": window_start,
                 "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
@@ -275,11 +283,11 @@ def main(argv=None):
         save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
                                        "loss_sum": stats["loss_sum"], "key": jax.random.key_data(
                                            key), "meta": np.array(json.dumps(info))})
+        saved_step = done
 
-    # -- the loop --------------------------------------------------------------------------
-    # Calls of per_call steps, and of 1 for the last few before a point where the loop must
-    # look (a log, an evaluation, a checkpoint, the end). Ctrl-C lets the current call finish,
-    # then the loop stops and a checkpoint is written; a second Ctrl-C aborts at once.
+    # -- the loop: calls of per_call steps, and of 1 for the last few before a point where it
+    # must look (a log, an evaluation, a checkpoint, the end). Ctrl-C lets the current call
+    # finish, then the loop stops and a checkpoint is written; a second Ctrl-C aborts at once.
     stop_requested, previous_handler = catch_ctrl_c()
     if not s.resume:
         checkpoint(0)                      # a checkpoint from step 0 on
@@ -309,14 +317,12 @@ def main(argv=None):
             val_loss = run_eval(done) if eval_now else val_loss
             if save_now or stop:
                 checkpoint(done)
-                saved_step = done
             t_window += time.time() - t_pause
             if stop:
                 break
     except data.DataError as e:   # an id past the vocabulary in the next batches (load checks
         if not diverged(stats, params, done):     # a sample only): keep the steps done so far
             checkpoint(done)
-            saved_step = done
         raise UsageError(f"{str(e).rstrip('.')}; {out}/ckpt.npz keeps the state of step "
                          f"{saved_step:,}.") from None
     finally:
@@ -353,6 +359,11 @@ def save_results(out, params, s, cfg, betas, n_steps, done, val_loss, elapsed_s)
 
 
 # -- the loop's control: where it must look, how long a call is, Ctrl-C, divergence -------------
+
+def new_stats():
+    """The train step's stats at the start of a run: no loss summed, no step not finite."""
+    return {"loss_sum": jnp.float32(0), "bad_step": jnp.int32(-1)}
+
 
 def crosses(first, last, every, tokens_per_step):
     """Whether the tokens trained reach a multiple of `every` after step `first`, by step `last`."""
@@ -444,7 +455,7 @@ NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call")
 # What --resume lets change: the budget, where it logs, the data's paths (data.fingerprint checks
 # the tokens), --grad-accum (the same gradient, split otherwise); on a finished run also --seed.
 MAY_CHANGE_ON_RESUME = ("tokens", "data", "val_data", "grad_accum", "log_tokens", "eval_tokens",
-                        "ckpt_tokens") + NO_RESULT_FLAGS
+                        "ckpt_tokens", "remat", "attention") + NO_RESULT_FLAGS
 
 
 def parse_args(parser, argv=None):
@@ -572,13 +583,16 @@ def resolve(argv):
     checkpoint's, then the defaults that depend on the run. Every mistake in the flags and the
     data is found here."""
     args, given = parse_args(make_parser(), argv)
+    init = init_from(args, given) if args.init_from and not args.resume else None   # its --model
     fill_run_defaults(args)                    # before the folder is named after them
     accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
     bf16 = f"-bf16-{args.rounding}" if args.param_dtype == "bfloat16" else ""
-    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}")
+    ft = f"-from-{Path(args.init_from).resolve().name}" if args.init_from else ""
+    out = Path(args.out or f"out/{args.model}-{args.opt}-b{args.batch}{accum}{bf16}{ft}")
     ckpt, meta = open_run(out, args, given)    # with --resume, the checkpoint's flags replace
     check_flags(args)
-    cfg = dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype)
+    cfg = dataclasses.replace(model.PRESETS[args.model], dtype=args.compute_dtype,
+                              remat=args.remat, attention=args.attention)
     betas_of(args, args.batch * cfg.T)         # a half-life too long for this step is a mistake
     if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:
         return Settings(**{**vars(args), "out": str(out)}), cfg, ckpt, meta, None   # a sample
@@ -605,7 +619,7 @@ def resolve(argv):
     s = Settings(**{**vars(args), "tokens": n_steps * tokens_per_step, "out": str(out)})
     if meta and not s.resume:
         refuse_to_overwrite(out, meta, s)
-    return s, cfg, ckpt, meta, (train_tokens, val_tokens, data_hash)
+    return s, cfg, ckpt if s.resume else init, meta, (train_tokens, val_tokens, data_hash)
 
 
 def load_data(args, T, batch, vocab=data.EOT + 1):
@@ -669,7 +683,8 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
                   f"paper's {paper_budget:,}, {rule})")
     print(f"schedule   {s.batch} x {cfg.T} = {tokens_per_step:,} tokens/step, "
           f"{n_steps:,} steps, {n_steps * tokens_per_step:,} tokens{budget}; warmup {s.warmup:g} "
-          f"({int(s.warmup * n_steps):,} steps), then cosine to 0")
+          f"({int(s.warmup * n_steps):,} steps), then "
+          + ("cosine to 0" if s.schedule == "cosine" else "constant"))
     buffer = model.nbytes(jax.eval_shape(accumulation_buffer, shapes))
     print(f"memory     parameters {model.nbytes(shapes):,} bytes ({s.param_dtype}, "
           f"{jnp.dtype(s.param_dtype).itemsize} bytes each"
@@ -685,6 +700,9 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); matmuls take "
           + ("bfloat16" if s.compute_dtype == "bfloat16" else f"float32 (precision {precision})")
           + f"; output in {s.out}/")
+    if s.init_from:
+        print(f"init       from {s.init_from}/params.npz (fine-tuning: its parameters only; not "
+              "its optimizer state, step or schedule)")
     if s.resume:
         print(f"resume     from {s.out}/ckpt.npz at step {start:,} "
               f"({fmt_tokens(start * tokens_per_step)} tokens)")
@@ -696,7 +714,7 @@ def log_progress(log_file, s, cfg, done, n_steps, loss_sum, window_steps, window
     tokens_per_step, flops = s.batch * cfg.T, model.flops_per_token(cfg)
     peak = next((f for kind, f in PEAK_FLOPS.items() if kind in jax.devices()[0].device_kind), None)
     train_loss, tok_per_s = loss_sum / window_steps, window_steps * tokens_per_step / window_s
-    lr = float(optim.lr_at(done - 1, n_steps, s.lr, s.warmup))
+    lr = float(optim.lr_at(done - 1, n_steps, s.lr, s.warmup, s.schedule))
     mfu = {"mfu": tok_per_s * flops / peak} if peak else {}
     log_event(log_file, step=done, tokens=done * tokens_per_step, train_loss=train_loss, lr=lr,
               tok_per_s=tok_per_s, flop_per_s=tok_per_s * flops, **mfu, elapsed_s=elapsed_s)
@@ -714,7 +732,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "
 
 def log_divergence(log_file, s, cfg, bad, n_steps, out, saved_step):
     """Log that the run diverged by step `bad`; returns the sentence that says so."""
-    tokens, lr = bad * s.batch * cfg.T, float(optim.lr_at(bad - 1, n_steps, s.lr, s.warmup))
+    tokens, lr = bad * s.batch * cfg.T, float(optim.lr_at(bad - 1, n_steps, s.lr, s.warmup,
+                                                                    s.schedule))
     log_event(log_file, step=bad, tokens=tokens, diverged=True, lr=lr)
     return (f"the run diverged: the loss or the parameters were not finite by step {bad:,} "
             f"({tokens:,} tokens seen, learning rate {lr:.3g}); {out}/ckpt.npz keeps the last "
@@ -804,6 +823,25 @@ def open_run(out, args, given):
     return arrays, meta
 
 
+def init_from(args, given):
+    """The arrays of --init-from's params.npz, by name ("params.embed", ...), once its config.json
+    has set --model: fine-tuning starts from a finished run's parameters, on its model."""
+    folder = Path(args.init_from)
+    try:
+        saved = json.loads((folder / "config.json").read_text())["args"]["model"]
+        with np.load(folder / "params.npz") as f:
+            arrays = {f"params.{name}": a for name, a in f.items()}
+    except CKPT_ERRORS as e:
+        raise UsageError(f"--init-from {folder} holds no finished run's params.npz and "
+                         f"config.json ({type(e).__name__}: {e}); pass the --out of a run that "
+                         "has ended.") from None
+    if "model" in given and args.model != saved:
+        raise UsageError(f"--model {args.model} differs from the model of --init-from {folder}, "
+                         f"{saved}; fine-tuning keeps the model, so leave --model out.")
+    args.model = saved
+    return arrays
+
+
 def refuse_to_overwrite(out, meta, s):
     """A new run may replace a finished run of the same flags (a rerun), never one of other
     flags or one that can still be resumed: no result is lost by mistake."""
@@ -813,7 +851,7 @@ def refuse_to_overwrite(out, meta, s):
                          "to start a new one.")
     saved = meta.get("args", {})
     for name, value in vars(s).items():
-        if name not in NO_RESULT_FLAGS and saved.get(name) != value:
+        if name not in NO_RESULT_FLAGS and saved.get(name, value) != value:   # new: a default
             raise UsageError(f"{out} holds the results of a run with --{name.replace('_', '-')} "
                              f"{saved.get(name)}, not {value}; pass another --out, or delete "
                              f"{out} to replace them.")
@@ -873,10 +911,11 @@ def flatten(tree):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def restore(ckpt, template, out):
-    """The template ({"params": shapes}, and "opt_state" to resume) filled from the checkpoint's
-    arrays by name, in its dtypes (exact for bf16): params, or to resume (params, opt_state, key,
-    stats). Arrays not exactly the template's (missing, extra, other shapes) are refused."""
+def restore(ckpt, template, path):
+    """The template ({"params": shapes}, and "opt_state" to resume) filled from the arrays by
+    name of a checkpoint (or --init-from's params.npz) at path, in its dtypes (exact for bf16):
+    params, or to resume (params, opt_state, key, stats). Arrays not exactly the template's
+    (missing, extra, other shapes) are refused."""
     names = flatten(template)
     stored = {n: a for n, a in ckpt.items() if n.split(".")[0] in template}
     want, have = ({n: list(a.shape) for n, a in x.items()} for x in (names, stored))
@@ -886,8 +925,9 @@ def restore(ckpt, template, out):
                if "opt_state" in template and n not in ckpt]
     if differ:
         more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
-        raise UsageError(f"checkpoint {out}/ckpt.npz does not hold the parameters and state of "
-                         f"this model and optimizer ({'; '.join(differ[:3])}{more}).")
+        what = " and state" if "opt_state" in template else ""
+        raise UsageError(f"{path} does not hold the parameters{what} of this model"
+                         f"{' and optimizer' if what else ''} ({'; '.join(differ[:3])}{more}).")
     state = jax.tree.unflatten(jax.tree.structure(template),
                                [jnp.asarray(stored[n], t.dtype) for n, t in names.items()])
     if "opt_state" not in template:
