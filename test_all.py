@@ -1665,7 +1665,7 @@ def test_toy_readme_table_is_what_the_code_prints(toy_panels, capsys):
 def test_toy_main_prints_both_tables(monkeypatch, capsys):
     """`python -m experiments.momentum_toy` prints the four panels, then a sweep row per b with b ×
     steps = 32, the ratio of SGD's loss to the best momentum's and the speed-up ln(momentum's) /
-    ln(SGD's), by hand from the printed losses; the rows are those in experiments/README.md (two of
+    ln(SGD's), by hand from the printed losses; the rows are those in docs/experiments.md (two of
     eleven, for time)."""
     monkeypatch.setattr(momentum_toy, "SWEEP_STEPS", [16, 256])
     momentum_toy.main([])
@@ -1678,8 +1678,8 @@ def test_toy_main_prints_both_tables(monkeypatch, capsys):
         assert float(row[8]) == pytest.approx(losses[0] / min(losses[1:]), rel=0.02)
         assert float(row[9]) == pytest.approx(math.log(min(losses[1:])) / math.log(losses[0]),
                                               rel=0.02)
-    readme = (HERE / "experiments" / "README.md").read_text().splitlines()
-    assert all(line in readme for line in lines[-2:])
+    docs = (HERE / "docs" / "experiments.md").read_text().splitlines()
+    assert all(line in docs for line in lines[-2:])
 
 
 def test_toy_plot_writes_a_png(monkeypatch, tmp_path, capsys):
