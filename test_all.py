@@ -1,13 +1,13 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
-    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # 4.5 to 6 minutes on a 2-core CPU
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about 6 minutes on a 2-core CPU
 
 Sections, in order: the optimizers against numpy; Muon; bf16 weights and stochastic rounding;
 half-lives and the schedule; the model; the tokenizer and data; token files and big data;
-training (the step, calls of many steps, main, the flags and their errors); checkpoints, resume
-and divergence; experiments/momentum_toy.py; gradient accumulation and experiments/
-batch_size_study.py, memory.py, find_batch.py and bf16_rounding.py; the layout of the code;
-the exercises of docs/exercises.md.
+training (the step, calls of many steps, main, the flags and their errors); checkpoints, resume,
+fine-tuning from a saved run, divergence; experiments/momentum_toy.py; gradient accumulation and
+experiments/ batch_size_study.py, memory.py (counted and compiled), finetune.py (LoRA),
+find_batch.py and bf16_rounding.py; the layout of the code; the exercises of docs/exercises.md.
 """
 import atexit
 import dataclasses
@@ -43,7 +43,8 @@ import model
 import optim
 import train
 from docs import solutions
-from experiments import batch_size_study, bf16_rounding, find_batch, memory, momentum_toy
+from experiments import (batch_size_study, bf16_rounding, find_batch, finetune, memory,
+                         momentum_toy)
 
 HERE = Path(__file__).resolve().parent
 SMALL = model.Config(V=97, D=32, L=2, H=2, T=16)  # a model small enough for a test to train
@@ -1907,6 +1908,212 @@ def test_memory_rows_match_a_count_by_hand():
         assert r["muon state"] == 8 * embeddings + 4 * (n - embeddings) + 2 * 4
 
 
+TINY = model.PRESETS["tiny"]   # the memory tests' preset (not narrowed)
+# the steps the tests compare: (optimizer, weights' dtype, micro-batches, remat)
+MEMORY_STEPS = [("sgd", "float32", 1, False), ("adam", "float32", 1, False),
+                ("adam", "bfloat16", 1, False), ("adam", "float32", 16, False),
+                ("adam", "float32", 1, True)]
+
+
+def params_by_hand(cfg):
+    """The parameter count from the config: two V x D embeddings, and per block four D x D
+    attention matrices and the D x 4D, 4D x D MLP."""
+    return cfg.V * cfg.D * 2 + cfg.L * (4 * cfg.D ** 2 + 2 * cfg.D * 4 * cfg.D)
+
+
+def scalar_and_batch_bytes(batch, cfg):
+    """The arguments besides weights and state, by hand: x and y, int32 [B, T]; the step (int32)
+    and the peak rate (float32); the stats, a float32 loss sum and an int32 step."""
+    return 2 * batch * cfg.T * 4 + 4 + 4 + (4 + 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_steps():
+    """XLA's bytes of MEMORY_STEPS at the tiny preset, measured in a fresh process with the
+    schedule `python -m experiments.memory` uses: XLA reads XLA_FLAGS once, when JAX starts, so
+    a process that compiled before cannot switch (argument bytes do not depend on it; temporaries
+    do)."""
+    code = ("import json; from experiments import memory; print(json.dumps([memory.measure("
+            f"'tiny', opt, dtype, k, remat) for opt, dtype, k, remat in {MEMORY_STEPS!r}]))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": memory.SCHEDULER}
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, check=True,
+                            capture_output=True, text=True)
+    return dict(zip(MEMORY_STEPS, json.loads(result.stdout.splitlines()[-1])))
+
+
+def test_measured_arguments_hold_adams_two_moments(tiny_steps):
+    """Adam's step takes 2 x 4 bytes per parameter (m and v, float32) and its int32 step count
+    more than SGD's (b1 = 0: no state) in arguments, the parameters counted by hand; SGD's
+    arguments are its weights, 4 bytes each, the batch and the scalars, to the byte."""
+    n = params_by_hand(TINY)
+    sgd, adam = tiny_steps["sgd", "float32", 1, False], tiny_steps["adam", "float32", 1, False]
+    assert sgd["arguments"] == 4 * n + scalar_and_batch_bytes(1, TINY)
+    assert adam["arguments"] - sgd["arguments"] == 2 * 4 * n + 4
+
+
+def test_bf16_weights_halve_the_parameters_bytes_in_the_arguments(tiny_steps):
+    """bfloat16 weights take 2 bytes per parameter fewer than float32 in the step's arguments;
+    Adam's state stays float32, so that is the whole difference."""
+    f32, bf16 = tiny_steps["adam", "float32", 1, False], tiny_steps["adam", "bfloat16", 1, False]
+    assert f32["arguments"] - bf16["arguments"] == 2 * params_by_hand(TINY)
+
+
+def test_accumulation_adds_a_parameter_sized_float32_buffer(tiny_steps):
+    """Adam at batch 16 in 16 micro-batches of 1 needs a float32 buffer of 4 bytes per parameter
+    more temporaries than at batch 1, within 1 %: XLA packs temporaries into shared slots, so
+    the total moves by a few small buffers too (47 kB of 26.5 MB when this was written). Its
+    arguments grow by the 15 more sequences of x and y only."""
+    n = params_by_hand(TINY)
+    plain, accumulated = (tiny_steps["adam", "float32", k, False] for k in (1, 16))
+    assert accumulated["temporaries"] - plain["temporaries"] == pytest.approx(4 * n, rel=0.01)
+    assert accumulated["arguments"] - plain["arguments"] == 2 * 15 * TINY.T * 4
+
+
+def test_remat_lowers_the_temporaries_and_changes_no_argument(tiny_steps):
+    """With remat (jax.checkpoint per block) the step keeps fewer activations: fewer temporary
+    bytes; its arguments (weights, state, batch) are the same to the byte."""
+    plain, remat = (tiny_steps["adam", "float32", 1, r] for r in (False, True))
+    assert remat["arguments"] == plain["arguments"]
+    assert remat["temporaries"] < plain["temporaries"]
+
+
+def test_measure_prints_a_row_per_step_beside_the_counted_bytes(monkeypatch, capsys):
+    """`--measure --model tiny` prints the counted table, then one row per measured step with
+    the counted weights + state (SGD: 4 bytes a parameter), the exact arguments beyond them
+    (batch and scalars, counted by hand) and the devices it fits."""
+    monkeypatch.setattr(memory, "MEASURED", [("sgd", "float32", 1)])     # one compile, not 10
+    assert train.run_program(memory.main, ["--measure", "--model", "tiny"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 2 + 1                                # two counted rows, one measured
+    cells = [c.strip() for c in rows[-1].strip("|").split("|")]
+    assert cells[1:4] == ["sgd", "float32", memory.fmt_bytes(4 * params_by_hand(TINY))]
+    assert cells[6] == f"{scalar_and_batch_bytes(1, TINY):,} bytes"
+    assert cells[11] == "80 GB and 40 GB"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--remat"], "--remat and --attention apply to --measure only"),
+    (["--measure", "--attention", "flash"], "argument --attention: invalid choice: 'flash'"),
+    (["--measure", "--model", "13b"], "argument --model: invalid choice: '13b'"),
+])
+def test_memory_flags_refuse_mistakes_in_one_sentence(argv, message, capsys):
+    """A flag memory does not apply, or a value it does not accept, is one sentence and exit 2."""
+    status = train.run_program(memory.main, argv)
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and err.count("\n") == 1
+
+
+LORA_SMALL = model.Config(V=97, D=16, L=2, H=1, T=8)   # LoRA's tests: random ids, any vocabulary
+
+
+def lora_base(dtype="float32"):
+    """A small model's parameters in dtype, and one random window as inputs and targets."""
+    params = model.cast(model.init_params(jax.random.key(0), LORA_SMALL), dtype)
+    x = jax.random.randint(jax.random.key(1), (1, LORA_SMALL.T + 1), 0, LORA_SMALL.V)
+    return params, x[:, :-1], x[:, 1:]
+
+
+def test_lora_merge_is_w_plus_scaled_a_b():
+    """merge gives W + (α/r)·A·B (numpy, float64) for each adapted matrix, the base elsewhere."""
+    params, _, _ = lora_base()
+    r, alpha = 4, 8
+    blocks = [n for n in params if n.startswith("blocks.")]
+    assert sorted(finetune.lora_init(jax.random.key(2), params, r)) == sorted(blocks)
+    adapters = finetune.lora_init(jax.random.key(2), params, r, blocks + ["unembed"])
+    for i, name in enumerate(adapters):      # a nonzero B, so that the product shows
+        adapters[name]["B"] = jax.random.normal(jax.random.key(10 + i), adapters[name]["B"].shape)
+    merged = finetune.merge(params, adapters, alpha, r)
+    for name, w in params.items():
+        if name in adapters:
+            a, b = (np.asarray(adapters[name][k], np.float64) for k in "AB")
+            want = np.asarray(w, np.float64) + (alpha / r) * a @ b
+            assert a.shape == (w.shape[0], r) and b.shape == (r, w.shape[1])
+            np.testing.assert_allclose(np.asarray(merged[name]), want, rtol=1e-5, atol=1e-6)
+        else:
+            assert name == "embed"
+            np.testing.assert_array_equal(np.asarray(merged[name]), np.asarray(w))
+
+
+def test_lora_zero_b_starts_at_the_base_model():
+    """With LoRA's initialization (B = 0) the merged model's loss is the base model's, exactly."""
+    for dtype in ("float32", "bfloat16"):
+        params, x, y = lora_base(dtype)
+        cfg = dataclasses.replace(LORA_SMALL, dtype=dtype)
+        adapters = finetune.lora_init(jax.random.key(2), params, 4)
+        assert all(not np.any(np.asarray(a["B"])) for a in adapters.values())
+        merged = finetune.merge(params, adapters, 8, 4)
+        assert float(model.loss_fn(merged, x, y, cfg)) == float(model.loss_fn(params, x, y, cfg))
+
+
+def test_lora_training_changes_only_the_adapters():
+    """A few LoRA steps change every A and B, return nothing else, and leave the bf16 base as it
+    was, bit for bit (so the merged embeddings are the base's)."""
+    params, x, y = lora_base("bfloat16")
+    cfg = dataclasses.replace(LORA_SMALL, dtype="bfloat16")
+    frozen = {name: np.asarray(w.astype(jnp.float32)) for name, w in params.items()}
+    opt = optim.adam(0.9, 0.99)
+    start = finetune.lora_init(jax.random.key(2), params, 4)
+    step = jax.jit(finetune.lora_train_step(cfg, opt, params, n_steps=3, alpha=8, r=4))
+    adapters, state, stats = start, opt.init(start), train.new_stats()
+    for i in range(3):      # step 0 moves only B (A's gradient is 0 while B = 0), step 1 moves A
+        adapters, state, stats = step(adapters, state, stats, jnp.int32(i), x, y, jnp.float32(1e-2))
+    assert jax.tree.structure(adapters) == jax.tree.structure(start)
+    for name in start:
+        for k in "AB":
+            assert not np.array_equal(np.asarray(adapters[name][k]), np.asarray(start[name][k]))
+    for name, w in params.items():
+        np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)), frozen[name])
+    merged = finetune.merge(params, adapters, 8, 4)
+    for name in ("embed", "unembed"):
+        np.testing.assert_array_equal(np.asarray(merged[name].astype(jnp.float32)), frozen[name])
+    assert math.isfinite(float(stats["loss_sum"])) and int(stats["bad_step"]) == -1
+
+
+def test_finetune_quick_run_holds_the_bytes_counted_by_hand(tmp_path, capsys, monkeypatch):
+    """A quick run (a fresh small model as the base, 32 windows, one rate each) of one method per
+    code path (accumulation, bf16 weights rounded stochastically, LoRA) prints its table, writes
+    results.json with finite losses, and holds the bytes counted by hand: accumulated Adam 16 a
+    parameter (weights, m, v, buffer) and its step count, bf16 weights 2 a parameter, LoRA's
+    adapters 4·r·(rows + cols) a matrix over a bf16 base."""
+    cfg = model.Config(D=16, L=1, H=1, T=32)     # GPT-2's vocabulary: the Sonnets' ids
+    base = tmp_path / "base"
+    base.mkdir()
+    np.savez(base / "params.npz", **model.init_params(jax.random.key(0), cfg))
+    (base / "config.json").write_text(json.dumps({
+        "model": dataclasses.asdict(cfg), "args": {"model": "test"}, "n_steps": 1,
+        "steps_done": 1, "final_val_loss": 10.8}))
+    r = finetune.LORA_RANK
+    keep = [f"adam, {finetune.BIG_BATCH} x 1 accumulated", "adafactor, bf16 stochastic",
+            f"lora r {r}, blocks + output"]
+    every_method = finetune.methods
+    monkeypatch.setattr(finetune, "methods", lambda cfg: (
+        {name: m for name, m in every_method(cfg)[0].items() if name in keep},
+        *every_method(cfg)[1:]))
+    out = tmp_path / "out"
+    assert train.run_program(finetune.main, ["--base", str(base), "--out", str(out),
+                                             "--epochs", "0.05", "--rates", "1"]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["method"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert list(rows) == keep
+    for row in rows.values():
+        assert f"| {row['method']} |" in printed
+        assert math.isfinite(row["before"]) and all(math.isfinite(l) for l in row["after"])
+    n = 2 * cfg.V * cfg.D + cfg.L * 12 * cfg.D ** 2
+    assert rows[keep[0]]["held_bytes"] == 16 * n + 4
+    assert rows[keep[1]]["bytes"]["weights"] == 2 * n
+    sides = cfg.L * (4 * (cfg.D + cfg.D) + 2 * (cfg.D + 4 * cfg.D)) + (cfg.D + cfg.V)
+    assert rows[keep[2]]["bytes"] == {**rows[keep[2]]["bytes"], "weights": 2 * n,
+                                      "adapters": 4 * r * sides, "buffer": 0}
+
+
+def test_finetune_mistakes_are_one_sentence_and_exit_2(tmp_path, capsys):
+    """A bad flag value is one line on stderr and exit status 2, before anything is trained."""
+    for argv in (["--rates", "9"], ["--epochs", "0"], ["--epochs", "nan"]):
+        assert train.run_program(finetune.main, argv + ["--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_find_batch_stops_when_throughput_stops_rising_and_picks_within_10_percent():
     """The rule, on hand-made timings: stop after two doublings without 5 % over the best before
     them; pick the smallest B within 10 % of the best tokens/s."""
@@ -2014,8 +2221,8 @@ def test_train_py_keeps_main_short_and_its_loop_near_the_top():
     assert next(i for i, line in enumerate(lines) if "while done < n_steps:" in line) < 300
 
 
-@pytest.mark.parametrize("program", [batch_size_study, bf16_rounding, find_batch, memory,
-                                     momentum_toy])
+@pytest.mark.parametrize("program", [batch_size_study, bf16_rounding, find_batch, finetune,
+                                     memory, momentum_toy])
 def test_each_experiment_has_help(program, capsys):
     """`python -m experiments.NAME --help` prints a usage line naming that command and exits 0."""
     with pytest.raises(SystemExit) as exit_info:         # argparse's own exit after --help
