@@ -135,8 +135,8 @@ def attention(x, w, cfg):
     B, T, _ = x.shape                                            # x: [B, T, D]
     q, k, v = (dense(x, w[n], cfg).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
     q, k = rope(rms_norm(q)), rope(rms_norm(k))                  # [B, T, H, K]
-    if cfg.attention == "fused":   # one call, in cfg.dtype: cuDNN's fused kernel on NVIDIA
-        # GPUs (bfloat16), XLA's elsewhere; the same arithmetic as below, never a [T, T] in HBM
+    if cfg.attention == "fused":   # the same arithmetic in one call, in cfg.dtype: JAX may
+        # pick cuDNN's fused kernel on NVIDIA GPUs (bf16), which never stores the [T, T] scores
         dtype = jnp.dtype(cfg.dtype)
         o = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                          is_causal=True).astype(jnp.float32)
@@ -152,6 +152,7 @@ def mlp(x, w, cfg):
 
 
 def block(h, w, cfg):
+    """One pre-norm block on the residual stream h [B, T, D], with its matrices w by name."""
     h = h + attention(rms_norm(h), w, cfg)
     return h + mlp(rms_norm(h), w, cfg)
 

@@ -87,8 +87,8 @@ def make_parser():
         "whole steps as the official code (%(default)s)")
     add("--schedule", choices=["cosine", "constant"], default="cosine", help="after warmup, cosine "
         "to 0 (the paper's pretraining; default) or the peak to the end (its fine-tuning)")
-    add("--init-from", help="fine-tune: start from the parameters of the finished run in this "
-        "folder (its params.npz, on its --model), not from its optimizer state, step or schedule")
+    add("--init-from", metavar="RUN", help="fine-tune: start from the parameters of the finished "
+        "run in folder RUN (its params.npz, on its --model), not its optimizer state or step")
     add("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
     add("--attention", choices=["einsum", "fused"], default="einsum", help="written out (default), "
         "or jax.nn.dot_product_attention (cuDNN's fused kernel on NVIDIA GPUs)")
