@@ -125,7 +125,8 @@ def rope(x):
 def dense(x, w, cfg):
     """x @ w, both cast to cfg.dtype, the result float32. With bfloat16 only the matmuls see bf16
     inputs (the tensor cores' path, as in picodo), whatever the weights' dtype; the activations,
-    norms, RoPE, softmax and loss stay float32, as in the official code. float32: plain x @ w."""
+    norms, RoPE, softmax (but --attention fused's) and loss stay float32, as in the official code.
+    float32: plain x @ w."""
     dtype = jnp.dtype(cfg.dtype)
     return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
@@ -135,8 +136,8 @@ def attention(x, w, cfg):
     B, T, _ = x.shape                                            # x: [B, T, D]
     q, k, v = (dense(x, w[n], cfg).reshape(B, T, cfg.H, cfg.K) for n in ("wq", "wk", "wv"))
     q, k = rope(rms_norm(q)), rope(rms_norm(k))                  # [B, T, H, K]
-    if cfg.attention == "fused":   # the same arithmetic in one call, in cfg.dtype: JAX may
-        # pick cuDNN's fused kernel on NVIDIA GPUs (bf16), which never stores the [T, T] scores
+    if cfg.attention == "fused":   # in one call, in cfg.dtype (so with bfloat16 the softmax
+        # too): JAX may pick cuDNN's fused kernel on NVIDIA GPUs, never storing the [T, T] scores
         dtype = jnp.dtype(cfg.dtype)
         o = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                          is_causal=True).astype(jnp.float32)

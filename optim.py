@@ -258,7 +258,7 @@ def lr_at(step, n_steps, peak_lr, warmup_frac, schedule="cosine"):
     warmup = int(warmup_frac * n_steps)
     ramp = jnp.clip(step / warmup, 0.0, 1.0) if warmup > 0 else 1.0
     progress = jnp.clip((step - warmup) / (n_steps - warmup), 0.0, 1.0)
-    decay = 1.0 if schedule == "constant" else 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    decay = {"constant": 1.0, "cosine": 0.5 * (1 + jnp.cos(jnp.pi * progress))}[schedule]
     return peak_lr * ramp * decay
 
 

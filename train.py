@@ -450,12 +450,13 @@ ACCEPTS = dict(   # checked in this order
     eval_tokens=TOKENS, ckpt_tokens=TOKENS, steps_per_call=POSITIVE, temperature=FINITE,
     sample=("a number of tokens >= 0", lambda v: v >= 0),
     prompt=("a text of at least one character", lambda v: len(v) > 0))
-# The flags that change no result, only the sample or the speed: a rerun may change them.
-NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call")
+# The flags that change no result, only the sample, the speed or the memory (--remat recomputes
+# the same arithmetic): a rerun may change them.
+NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call", "remat")
 # What --resume lets change: the budget, where it logs, the data's paths (data.fingerprint checks
 # the tokens), --grad-accum (the same gradient, split otherwise); on a finished run also --seed.
 MAY_CHANGE_ON_RESUME = ("tokens", "data", "val_data", "grad_accum", "log_tokens", "eval_tokens",
-                        "ckpt_tokens", "remat", "attention") + NO_RESULT_FLAGS
+                        "ckpt_tokens") + NO_RESULT_FLAGS
 
 
 def parse_args(parser, argv=None):
@@ -700,7 +701,7 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); matmuls take "
           + ("bfloat16" if s.compute_dtype == "bfloat16" else f"float32 (precision {precision})")
           + f"; output in {s.out}/")
-    if s.init_from:
+    if s.init_from and not s.resume:
         print(f"init       from {s.init_from}/params.npz (fine-tuning: its parameters only; not "
               "its optimizer state, step or schedule)")
     if s.resume:
@@ -791,10 +792,11 @@ def open_run(out, args, given):
     of this format, and its flags replace args' (a flag given must agree, or be one that may
     change); without, the arrays are None and meta (if readable) guards the folder."""
     path = out / "ckpt.npz"
-    if args.resume and "grad_accum" in given and not args.out:
-        raise UsageError("--resume with --grad-accum needs --out naming the run's folder: the "
-                         "default folder's name depends on --grad-accum, so it may not be the "
-                         "run you mean.")
+    named_by = sorted({"grad_accum", "init_from"} & given) if args.resume and not args.out else []
+    if named_by:                  # flags the default folder's name depends on
+        flag = "--" + named_by[0].replace("_", "-")
+        raise UsageError(f"--resume with {flag} needs --out naming the run's folder: the default "
+                         f"folder's name depends on {flag}, so it may not be the run you mean.")
     if args.resume and not path.exists():
         raise UsageError(f"there is no checkpoint {path} to resume from; run without --resume to "
                          "start, or pass the --out of the run to continue.")
@@ -813,7 +815,7 @@ def open_run(out, args, given):
     sampling = meta["step"] >= meta["n_steps"] and "tokens" not in given   # a finished run
     may_change = MAY_CHANGE_ON_RESUME + ("seed",) * sampling   # --seed then picks the sample
     flags = ", ".join(f"--{n.replace('_', '-')}" for n in may_change)
-    for name, value in meta["args"].items():   # a typed flag must agree, unless it may change
+    for name, value in saved_flags(meta).items():   # a flag typed must agree, unless it may change
         if name in ("out", "resume") or (name in given and name in may_change):
             continue
         if name in given and getattr(args, name) != value:
@@ -823,22 +825,31 @@ def open_run(out, args, given):
     return arrays, meta
 
 
+def saved_flags(meta):
+    """A saved run's flags, with the parser's defaults for those newer than the run."""
+    return {**vars(make_parser().parse_args([])), **meta.get("args", {})}
+
+
 def init_from(args, given):
     """The arrays of --init-from's params.npz, by name ("params.embed", ...), once its config.json
     has set --model: fine-tuning starts from a finished run's parameters, on its model."""
     folder = Path(args.init_from)
     try:
-        saved = json.loads((folder / "config.json").read_text())["args"]["model"]
+        config = json.loads((folder / "config.json").read_text())
+        saved, done, n_steps = config["args"]["model"], config["steps_done"], config["n_steps"]
         with np.load(folder / "params.npz") as f:
             arrays = {f"params.{name}": a for name, a in f.items()}
     except CKPT_ERRORS as e:
         raise UsageError(f"--init-from {folder} holds no finished run's params.npz and "
                          f"config.json ({type(e).__name__}: {e}); pass the --out of a run that "
                          "has ended.") from None
+    if done < n_steps:
+        raise UsageError(f"--init-from {folder} holds an unfinished run (step {done:,} of "
+                         f"{n_steps:,}); finish it with --resume --out {folder} first.")
     if "model" in given and args.model != saved:
         raise UsageError(f"--model {args.model} differs from the model of --init-from {folder}, "
                          f"{saved}; fine-tuning keeps the model, so leave --model out.")
-    args.model = saved
+    args.model, args.init_from = saved, str(folder)   # out/run/ and out/run: one run
     return arrays
 
 
@@ -849,9 +860,9 @@ def refuse_to_overwrite(out, meta, s):
         raise UsageError(f"{out} holds an unfinished run (step {meta['step']:,} of "
                          f"{meta['n_steps']:,}); continue it with --resume, or pass another --out "
                          "to start a new one.")
-    saved = meta.get("args", {})
+    saved = saved_flags(meta)
     for name, value in vars(s).items():
-        if name not in NO_RESULT_FLAGS and saved.get(name, value) != value:   # new: a default
+        if name not in NO_RESULT_FLAGS and saved.get(name) != value:
             raise UsageError(f"{out} holds the results of a run with --{name.replace('_', '-')} "
                              f"{saved.get(name)}, not {value}; pass another --out, or delete "
                              f"{out} to replace them.")

@@ -1,6 +1,6 @@
 """Fine-tuning at batch size 1: the paper's Fig. 8 (and the bytes of Fig. 7) at classroom scale.
 
-    python -m experiments.finetune     # 13 min on 2 CPU cores, pretraining included
+    python -m experiments.finetune     # 13 to 22 min on 2 CPU cores, pretraining included
     python -m experiments.finetune --epochs 0.1 --rates 1 --out out/finetune-check   # 45 s
 
 It fine-tunes the default pretrained run, `python train.py` (the tiny model, SGD at batch size
