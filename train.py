@@ -733,8 +733,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "
 
 def log_divergence(log_file, s, cfg, bad, n_steps, out, saved_step):
     """Log that the run diverged by step `bad`; returns the sentence that says so."""
-    tokens, lr = bad * s.batch * cfg.T, float(optim.lr_at(bad - 1, n_steps, s.lr, s.warmup,
-                                                                    s.schedule))
+    tokens = bad * s.batch * cfg.T
+    lr = float(optim.lr_at(bad - 1, n_steps, s.lr, s.warmup, s.schedule))   # its last step's
     log_event(log_file, step=bad, tokens=tokens, diverged=True, lr=lr)
     return (f"the run diverged: the loss or the parameters were not finite by step {bad:,} "
             f"({tokens:,} tokens seen, learning rate {lr:.3g}); {out}/ckpt.npz keeps the last "
