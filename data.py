@@ -205,18 +205,20 @@ def _window_order(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def get_batch(train, step, batch, T, seed, steps=None):
+def get_batch(train, step, batch, T, seed, steps=None, rows=slice(None)):
     """Inputs and targets [batch, T] (int32) of a training step: windows step*batch ... in the
     seeded shuffle, which is redrawn after each full pass over the windows. With steps=S, those of
-    S consecutive steps at once, [S, batch, T]: one gather for a call of many steps."""
+    S consecutive steps at once, [S, batch, T]: one gather for a call of many steps. rows: only
+    these rows of each batch (a process's share of it on several hosts)."""
     n, k = n_windows(train, T), steps or 1
-    epoch, pos = np.divmod(step * batch + np.arange(k * batch), n)
-    window = np.empty(k * batch, np.int64)
+    index = (step * batch + np.arange(k * batch).reshape(k, batch)[:, rows]).ravel()
+    epoch, pos = np.divmod(index, n)
+    window = np.empty(len(index), np.int64)
     for e in np.unique(epoch):                     # one pass, or two where a batch spans passes
         window[epoch == e] = _window_order(n, seed, int(e))[pos[epoch == e]]
     chunk = train[window[:, None] * (T + 1) + np.arange(T + 1)].astype(np.int32)  # [kB, T + 1]
     if steps is not None:
-        chunk = chunk.reshape(steps, batch, T + 1)
+        chunk = chunk.reshape(steps, -1, T + 1)
     return chunk[..., :-1], chunk[..., 1:]
 
 

@@ -59,6 +59,33 @@ BLOCK = {"wq": ("D", "D"), "wk": ("D", "D"), "wv": ("D", "D"), "wo": ("D", "D"),
          "w_up": ("D", "F"), "w_down": ("F", "D")}
 
 
+# Where each matrix is split over a device mesh of axes "data" and "model" (train.py), per
+# dimension: (mesh axis, the size that must divide evenly). On "model", tensor parallelism as in
+# Megatron-LM: q, k, v and the MLP's first matrix by columns, the output and the MLP's second by
+# rows, so each pair needs one all-reduce; attention by whole heads (H), and the vocabulary (V),
+# padded to a multiple of the axis (padded_vocab). On "data", with --fsdp only: each device holds
+# a slice of every matrix, which XLA gathers as a layer needs it. A dimension that the axis does
+# not divide stays whole. XLA inserts the collectives; nothing else in the model changes.
+SHARDING = {"embed": (("model", "V"), ("data", "D")), "unembed": (("data", "D"), ("model", "V")),
+            "wq": (("data", "D"), ("model", "H")), "wk": (("data", "D"), ("model", "H")),
+            "wv": (("data", "D"), ("model", "H")), "wo": (("model", "H"), ("data", "D")),
+            "w_up": (("data", "D"), ("model", "F")), "w_down": (("model", "F"), ("data", "D"))}
+
+
+def partition(name, cfg, devices):
+    """The axes parameter `name` is split on, for jax.sharding.PartitionSpec, given the number of
+    devices that split along each mesh axis: {"model": n, "data": n with --fsdp, else 1}."""
+    rows_cols = SHARDING[name.rsplit(".", 1)[-1]]          # "blocks.0.wq" -> "wq"
+    return tuple(axis if devices[axis] > 1 and (size == "V" or getattr(cfg, size) % devices[axis]
+                                                 == 0) else None for axis, size in rows_cols)
+
+
+def padded_vocab(cfg, devices):
+    """V rounded up to a multiple of `devices` (GPT-2's 50,257 = 29 x 1,733 divides by none): the
+    rows of embed and columns of unembed the model axis splits; the padding's logits are -inf."""
+    return -(-cfg.V // devices) * devices
+
+
 def fan_sum(name, cfg):
     """fan_in + fan_out of a block matrix as the official code's Xavier counts them. Its attention
     kernels are einsum kernels, q, k, v one [3, H, D, K] and the output [H, K, D], and JAX's
@@ -166,7 +193,10 @@ def forward(params, x, cfg, at=None):
     run_block = jax.checkpoint(block, static_argnums=2) if cfg.remat else block
     for l in range(cfg.L):
         h = run_block(h, {name: params[f"blocks.{l}.{name}"] for name in BLOCK}, cfg)
-    return dense(rms_norm(h if at is None else h[:, at]), params["unembed"], cfg)
+    logits = dense(rms_norm(h if at is None else h[:, at]), params["unembed"], cfg)
+    if logits.shape[-1] > cfg.V:      # a vocabulary padded to split over devices: no padding's
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < cfg.V, logits, -jnp.inf)  # probability
+    return logits
 
 
 def loss_fn(params, x, y, cfg):

@@ -28,6 +28,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 import data
 import model
@@ -109,6 +111,7 @@ def make_parser():
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
+    device_flags(p)                       # where it runs: the mesh and the hosts (after main)
     return p
 
 
@@ -221,9 +224,7 @@ def main(argv=None):
     shapes = jax.eval_shape(lambda: model.cast(model.init_params(jax.random.key(0), cfg),
                                                s.param_dtype))
     if splits is None:                # --resume of a finished run: a sample, and no optimizer
-        print(f"the run in {out} is finished ({meta['step']:,} steps, validation loss "
-              f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
-        return print_sample(restore(ckpt, {"params": shapes}, out / "ckpt.npz"), cfg, s)
+        return sample_finished_run(ckpt, meta, shapes, cfg, s)
     train_tokens, val_tokens, data_hash = splits
     n_steps, start = s.tokens // tokens_per_step, meta["step"] if s.resume else 0
     opt, betas = make_optimizer(s, tokens_per_step, heads=cfg.H)
@@ -241,23 +242,28 @@ def main(argv=None):
         key = jax.random.key(s.seed)
         if not s.init_from:
             params = model.cast(model.init_params(jax.random.fold_in(key, 0), cfg), s.param_dtype)
-        opt_state, stats = opt.init(params), new_stats()
+        opt_state, stats = None, new_stats()         # None: opt.init's, made on the devices
+    mesh = make_mesh(s.tensor_parallel)   # every device (of every process): one, or many
+    params, opt_state, stats = place_state(mesh, cfg, s.fsdp, opt, params, opt_state, stats)
     step_fn = make_train_step(cfg, opt, n_steps, s.warmup, s.grad_accum, s.rounding,
                               jax.random.fold_in(key, 2), s.schedule)   # the rounding's bits
     intervals = (s.log_tokens, s.eval_tokens, s.ckpt_tokens)  # tokens between looks, for each
-    peak_lr, t0 = jnp.float32(s.lr), time.time()
+    peak_lr, t0 = np.float32(s.lr), time.time()
     call, per_call = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
                                    (s.batch, cfg.T), min(intervals) // tokens_per_step,
-                                   s.steps_per_call)
+                                   s.steps_per_call, rows_sharding := batch_sharding(mesh))
     call(1), call(per_call)    # both lengths now, so that no compilation falls inside the loop
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {per_call} steps per call ("
           f"{'--steps-per-call' if s.steps_per_call else 'timed'}), 1 where the loop must look")
-    val_x, val_y = (jnp.asarray(a) for a in data.val_batches(val_tokens, cfg.T))
+    val_x, val_y = (place(a, whole(mesh)) for a in data.val_batches(val_tokens, cfg.T))
     evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
 
-    # batches are addressed by step number, so a resumed run sees the data it would have seen
-    def batches(step, n):                 # n steps' batches [n, B, T], sent to the device once
-        return jax.device_put(data.get_batch(train_tokens, step, s.batch, cfg.T, s.seed, steps=n))
+    # batches are addressed by step number, so a resumed run sees the data it would have seen;
+    # each process reads only the rows its devices hold (all of them, in one process)
+    rows = local_rows(rows_sharding, s.batch)
+    def batches(step, n):                 # n steps' batches [n, B, T], sent to the devices once
+        return [jax.make_array_from_process_local_data(rows_sharding, a, (n, s.batch, cfg.T)) for
+                a in data.get_batch(train_tokens, step, s.batch, cfg.T, s.seed, steps=n, rows=rows)]
 
     def run_eval(step):
         loss = float(evaluate_fn(params, val_x, val_y, cfg=cfg))   # a host sync
@@ -280,9 +286,10 @@ def main(argv=None):
                 "tokens": done * tokens_per_step, "window_start": window_start,
                 "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
                 "val_loss": val_loss, "data_sha256": data_hash}
-        save_arrays(out / "ckpt.npz", {**flatten({"params": params, "opt_state": opt_state}),
-                                       "loss_sum": stats["loss_sum"], "key": jax.random.key_data(
-                                           key), "meta": np.array(json.dumps(info))})
+        whole_arrays = gathered({"params": params, "opt_state": opt_state}, cfg, mesh)
+        save_arrays(out / "ckpt.npz", {**flatten(whole_arrays), "loss_sum": stats["loss_sum"],
+                                       "key": jax.random.key_data(key),
+                                       "meta": np.array(json.dumps(info))})
         saved_step = done
 
     # -- the loop: calls of per_call steps, and of 1 for the last few before a point where it
@@ -303,7 +310,7 @@ def main(argv=None):
             if done < n_steps:            # the next call's batches, while the device runs
                 xs = batches(done, n)
             jax.block_until_ready(stats)  # one call in flight at most: Ctrl-C stops in a call
-            stop = stop_requested.is_set()
+            stop = any_process(stop_requested.is_set())   # Ctrl-C on one host stops all
             log_now, eval_now, save_now = (is_due(done, every, n_steps, tokens_per_step)
                                            for every in intervals)
             # nothing bad is logged or saved: a host sync, so only at these points
@@ -329,6 +336,7 @@ def main(argv=None):
         signal.signal(signal.SIGINT, previous_handler)
         log_file.close()
 
+    params = gathered(params, cfg, mesh)   # whole, on every process's host, as saved
     save_results(out, params, s, cfg, betas, n_steps, done, val_loss, time.time() - t_start)
     if stop:                            # interrupted before the last step
         raise KeyboardInterrupt(f"interrupted at step {done:,} of {n_steps:,}; to go on exactly "
@@ -337,9 +345,16 @@ def main(argv=None):
     print_sample(params, cfg, s)
 
 
+def sample_finished_run(ckpt, meta, shapes, cfg, s):
+    """What --resume of a finished run does: say so, and sample from its parameters."""
+    print(f"the run in {s.out} is finished ({meta['step']:,} steps, validation loss "
+          f"{meta['val_loss']:.4f}); sampling from it (a larger --tokens trains it further)")
+    print_sample(restore(ckpt, {"params": shapes}, Path(s.out) / "ckpt.npz"), cfg, s)
+
+
 def print_sample(params, cfg, s):
     """--sample tokens after --prompt, drawn with a key from --seed (the run's, by default)."""
-    if s.sample:
+    if s.sample and jax.process_index() == 0:     # on one host: it prints
         ids = model.generate(params, cfg, data.encode(s.prompt), s.sample,
                              jax.random.fold_in(jax.random.key(s.seed), 1), s.temperature)
         print(f"--- sample ({s.sample} tokens, temperature {s.temperature:g}, seed "
@@ -349,6 +364,8 @@ def print_sample(params, cfg, s):
 def save_results(out, params, s, cfg, betas, n_steps, done, val_loss, elapsed_s):
     """params.npz, by name for np.load, and config.json: the settings, β's, steps, final loss."""
     save_arrays(out / "params.npz", params)
+    if jax.process_index() > 0:       # only process 0 writes
+        return
     (out / "config.json").write_text(json.dumps({
         "model": dataclasses.asdict(cfg), "args": vars(s), "b1": betas.get("b1"),
         "b2": betas.get("b2"), "tokens_per_step": s.batch * cfg.T, "n_steps": n_steps,
@@ -448,11 +465,15 @@ ACCEPTS = dict(   # checked in this order
     warmup=("a fraction in [0, 1)", lambda v: 0 <= v < 1), tokens=TOKENS,
     seed=("an integer in [0, 2^63)", lambda v: 0 <= v < 2 ** 63), log_tokens=TOKENS,
     eval_tokens=TOKENS, ckpt_tokens=TOKENS, steps_per_call=POSITIVE, temperature=FINITE,
+    tensor_parallel=POSITIVE, num_processes=POSITIVE,
+    process_id=("an integer >= 0", lambda v: v >= 0),
     sample=("a number of tokens >= 0", lambda v: v >= 0),
     prompt=("a text of at least one character", lambda v: len(v) > 0))
+# Where a run runs (device_flags): a resumed run takes them anew, not from its checkpoint.
+DEVICE_FLAGS = ("tensor_parallel", "fsdp", "num_processes", "process_id")
 # The flags that change no result, only the sample, the speed or the memory (--remat recomputes
 # the same arithmetic): a rerun may change them.
-NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call", "remat")
+NO_RESULT_FLAGS = ("sample", "prompt", "temperature", "steps_per_call", "remat") + DEVICE_FLAGS
 # What --resume lets change: the budget, where it logs, the data's paths (data.fingerprint checks
 # the tokens), --grad-accum (the same gradient, split otherwise); on a finished run also --seed.
 MAY_CHANGE_ON_RESUME = ("tokens", "data", "val_data", "grad_accum", "log_tokens", "eval_tokens",
@@ -582,8 +603,14 @@ def resolve(argv):
     """(settings, config, the checkpoint's arrays and meta, and the splits (train tokens,
     validation tokens, their fingerprint), or None to sample a finished run): the flags, then the
     checkpoint's, then the defaults that depend on the run. Every mistake in the flags and the
-    data is found here."""
+    data is found here, on every process of a run on several hosts."""
     args, given = parse_args(make_parser(), argv)
+    start_processes(args)                      # before JAX touches a device
+    return agreed(resolve_run, args, given)
+
+
+def resolve_run(args, given):
+    """resolve's work, once the processes (if several) have joined."""
     init = init_from(args, given) if args.init_from and not args.resume else None   # its --model
     fill_run_defaults(args)                    # before the folder is named after them
     accum = f"-accum{args.grad_accum}" if args.grad_accum > 1 else ""
@@ -597,6 +624,7 @@ def resolve(argv):
     betas_of(args, args.batch * cfg.T)         # a half-life too long for this step is a mistake
     if args.resume and meta["step"] >= meta["n_steps"] and "tokens" not in given:
         return Settings(**{**vars(args), "out": str(out)}), cfg, ckpt, meta, None   # a sample
+    check_mesh(args.tensor_parallel, args.batch)
     if args.batch % args.grad_accum:
         raise UsageError(f"--batch {args.batch} is not divisible by --grad-accum "
                          f"{args.grad_accum}; each of the K micro-batches holds B/K whole "
@@ -698,6 +726,10 @@ def print_settings(s, cfg, shapes, state_shapes, betas, train_tokens, val_tokens
     precision = jax.config.jax_default_matmul_precision or "default, " + {
         "cpu": "exact", "gpu": "TF32 on Ampere or later", "tpu": "bf16 passes"}.get(
             jax.default_backend(), "device-dependent")
+    n, hosts = jax.device_count(), jax.process_count()
+    print(f"mesh       data={n // s.tensor_parallel} model={s.tensor_parallel}"
+          + (" (--fsdp)" if s.fsdp else "") + f", {n} {jax.default_backend()} device"
+          + "s" * (n > 1) + f" in {hosts} process" + "es" * (hosts > 1))
     print(f"device     {jax.devices()[0].device_kind} ({jax.default_backend()}); matmuls take "
           + ("bfloat16" if s.compute_dtype == "bfloat16" else f"float32 (precision {precision})")
           + f"; output in {s.out}/")
@@ -754,23 +786,30 @@ def fmt_tokens(n):
 
 # -- calls of many steps: compiled ahead of time, their length timed at start -------------------
 
-def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=None):
+def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=None,
+                  batch_sharding=None):
     """(call, steps_per_call): call(n) is make_multi_step(step_fn) for n steps, compiled ahead of
     time once per n, for arguments (params, opt_state, stats, step, peak_lr) and batches [B, T]
     of batch_shape: nothing recompiles (fixed shapes, the step an array); params, state and stats
-    are donated, updated in place. steps_per_call: the given one (at most sync_every), or timed."""
+    are donated, updated in place, and keep their shardings, as do batches of batch_sharding.
+    steps_per_call: the given one (at most sync_every), or timed (by process 0, for all)."""
     def ids(n):                                       # ids in the shape of a call's batches
-        return np.zeros((n, *batch_shape), np.int32)
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), arguments)
+        zeros = np.zeros((n, *batch_shape), np.int32)
+        return zeros if batch_sharding is None else place(zeros, batch_sharding)
+
+    def spec(a):                   # the compiled call's argument: a shape, its dtype and sharding
+        return jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=getattr(a, "sharding", None))
 
     @functools.cache
     def call(n):
-        return (jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2))
-                .lower(*shapes[:4], ids(n), ids(n), shapes[4]).compile())
+        return (jax.jit(make_multi_step(step_fn), donate_argnums=(0, 1, 2),
+                        out_shardings=jax.tree.map(lambda a: a.sharding, arguments[:3]))
+                .lower(*jax.tree.map(spec, (*arguments[:4], ids(n), ids(n), arguments[4])))
+                .compile())
     if steps_per_call:
         return call, min(steps_per_call, max(1, sync_every))
-    return call, default_steps_per_call(call(1), (*arguments[:4], ids(1), ids(1), arguments[4]),
-                                        sync_every)
+    return call, from_process_0(default_steps_per_call(
+        call(1), (*arguments[:4], ids(1), ids(1), arguments[4]), sync_every))
 
 
 def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
@@ -783,6 +822,150 @@ def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
         jax.block_until_ready(call_1(*copies, *arguments[3:]))
     n = max(1, min(sync_every, int(seconds / (time.time() - t0))))
     return 2 ** int(math.log2(n))
+
+
+# -- several devices and hosts: the mesh, the state on it, what the processes agree on ----------
+
+def device_flags(parser):
+    """The flags of where a run runs; they change no result, and a resumed run takes them anew."""
+    g = parser.add_argument_group("several devices and hosts (README: Several devices)")
+    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="devices on the "
+                   "mesh's model axis, which split each matrix (model.SHARDING); the rest split "
+                   "the batch (%(default)s)")
+    g.add_argument("--fsdp", action="store_true", help="also split the parameters and optimizer "
+                   "state over the data axis (fully sharded data parallel): less memory each")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes, one per host, "
+                   "joined at JAX_COORDINATOR_ADDRESS (default: 1, or what JAX finds on a cluster)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N - 1 "
+                   "(default: what JAX finds on a cluster)")
+
+
+def start_processes(args):
+    """Join the other processes of a run on several hosts through JAX's distributed runtime:
+    when JAX_COORDINATOR_ADDRESS is set or --num-processes given (on a Cloud TPU pod JAX finds
+    the address and the ids), or under srun or mpirun with several tasks. Only process 0 prints."""
+    tasks = max(int(os.environ.get(n, 1)) for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    if jax.distributed.is_initialized() or not (
+            os.environ.get("JAX_COORDINATOR_ADDRESS") or args.num_processes or tasks > 1):
+        return
+    if args.process_id is not None and args.process_id >= (args.num_processes or 1):
+        raise UsageError(f"--process-id {args.process_id} must be below --num-processes "
+                         f"{args.num_processes or 1}.")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPUs: collectives by gloo
+    try:
+        jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"the processes could not join (jax.distributed.initialize: {e}); set "
+                         "JAX_COORDINATOR_ADDRESS to process 0's host:port, with "
+                         "--num-processes and --process-id.") from None
+    if jax.process_index() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def agreed(fn, *args):
+    """fn(*args) on every process, where a mistake found in one stops all: the others would
+    otherwise wait for it in their first collective. In one process, just fn(*args)."""
+    try:
+        result, error = fn(*args), None
+    except UsageError as e:
+        result, error = None, e
+    if error is None and any_process(error is not None):
+        error = UsageError("another process found a mistake; its sentence is on its stderr.")
+    if error is not None:
+        raise error
+    return result
+
+
+def any_process(flag):
+    """Whether flag is true on any process (a collective of all: every process must ask)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.bool_(flag)).any())
+
+
+def from_process_0(value):
+    """Process 0's value, on every process (a collective): one choice where each could differ."""
+    return value if jax.process_count() == 1 else int(multihost_utils.broadcast_one_to_all(
+        np.int64(value)))
+
+
+def check_mesh(tensor_parallel, batch):
+    """The mesh the flags ask for must fit the devices, and each batch split evenly over them."""
+    n = jax.device_count()
+    if n % tensor_parallel:
+        raise UsageError(f"--tensor-parallel {tensor_parallel} does not divide the {n} devices; "
+                         f"give a divisor of {n}.")
+    if batch % (n // tensor_parallel):
+        raise UsageError(f"--batch {batch} does not split evenly over the mesh's {n // tensor_parallel}"
+                         f" data devices; give a multiple of {n // tensor_parallel}, or put devices "
+                         f"on the model axis: --tensor-parallel {n} runs batch size 1 on all {n}.")
+
+
+def make_mesh(tensor_parallel):
+    """All devices as a mesh ("data", "model"): tensor_parallel on "model", the rest on "data".
+    Auto axes: jit propagates the shardings (this JAX's Explicit default cannot split the
+    embedding lookup)."""
+    n = jax.device_count()
+    return jax.make_mesh((n // tensor_parallel, tensor_parallel), ("data", "model"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def whole(mesh):
+    """An array whole on every device of the mesh."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh):
+    """Batches [n, B, T] with their rows split over the data axis."""
+    return NamedSharding(mesh, PartitionSpec(None, "data"))
+
+
+def local_rows(sharding, batch):
+    """The rows of each batch that this process's devices hold: all of them, in one process."""
+    rows = [i[1] for i in sharding.addressable_devices_indices_map((1, batch, 1)).values()]
+    return slice(min(r.start or 0 for r in rows), max(r.stop or batch for r in rows))
+
+
+def place(a, sharding):
+    """A host array (or one on a device) laid out on the devices as sharding says; each process
+    supplies its own devices' slices."""
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def pad_vocab(a, cfg, V):
+    """a with every axis of cfg.V entries padded with zeros to V (model.padded_vocab)."""
+    return np.pad(np.asarray(a), [(0, V - n if n == cfg.V else 0) for n in np.shape(a)])
+
+
+def place_state(mesh, cfg, fsdp, opt, params, opt_state, stats):
+    """params, opt_state and stats on the mesh: each parameter split as model.SHARDING says (its
+    vocabulary padded where the model axis needs it), each optimizer state array of its
+    parameter's shape split as it is, everything else whole. opt_state None: opt.init's."""
+    V, devices = model.padded_vocab(cfg, mesh.shape["model"]), dict(mesh.shape)
+    devices["data"] = devices["data"] if fsdp else 1
+    where = {name: NamedSharding(mesh, PartitionSpec(*model.partition(name, cfg, devices)))
+             for name in params}
+    params = {name: place(pad_vocab(p, cfg, V), where[name]) for name, p in params.items()}
+
+    def follow(path, leaf):        # "m.blocks.0.wq" follows "blocks.0.wq"
+        path = "." + jax.tree_util.keystr(path, simple=True, separator=".") + "."
+        name = next((n for n in params if f".{n}." in path), None)
+        return where[name] if name and leaf.shape == params[name].shape else whole(mesh)
+    state_where = jax.tree_util.tree_map_with_path(follow, jax.eval_shape(opt.init, params))
+    opt_state = (jax.jit(opt.init, out_shardings=state_where)(params) if opt_state is None else
+                 jax.tree.map(lambda a, w: place(pad_vocab(a, cfg, V), w), opt_state, state_where))
+    return params, opt_state, jax.tree.map(lambda a: place(a, whole(mesh)), stats)
+
+
+def gathered(tree, cfg, mesh):
+    """tree's arrays whole on the host of every process, their vocabulary unpadded: what files
+    hold, whatever the mesh. Across processes a collective: every process must call it."""
+    if jax.process_count() > 1:
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    V = model.padded_vocab(cfg, mesh.shape["model"])
+    return jax.tree.map(lambda a: np.asarray(a)[tuple(slice(cfg.V) if n == V else slice(None)
+                                                      for n in np.shape(a))], tree)
 
 
 # -- the run folder: resume, the overwrite guard, the log ---------------------------------------
@@ -816,7 +999,7 @@ def open_run(out, args, given):
     may_change = MAY_CHANGE_ON_RESUME + ("seed",) * sampling   # --seed then picks the sample
     flags = ", ".join(f"--{n.replace('_', '-')}" for n in may_change)
     for name, value in saved_flags(meta).items():   # a flag typed must agree, unless it may change
-        if name in ("out", "resume") or (name in given and name in may_change):
+        if name in ("out", "resume") + DEVICE_FLAGS or (name in given and name in may_change):
             continue
         if name in given and getattr(args, name) != value:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the "
@@ -872,6 +1055,8 @@ def open_log(out, keep_to_step):
     """Create out/ and open log.jsonl to append to, line-buffered: a fresh log, or on resume the
     log up to the checkpoint's step (a crash may have logged past it, or cut its last line)."""
     path, keep = out / "log.jsonl", 0
+    if jax.process_index() > 0:       # only process 0 writes
+        return open(os.devnull, "w")
     try:
         out.mkdir(parents=True, exist_ok=True)
         # events are in step order, so the kept ones are the lines before the first to drop
@@ -899,7 +1084,10 @@ CKPT_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)  # a
 
 def save_arrays(path, arrays):
     """Save {name: array} to an .npz atomically: a temporary file, flushed to disk, then renamed.
-    numpy has no bfloat16, so bf16 arrays are stored as float32, which holds each value exactly."""
+    numpy has no bfloat16, so bf16 arrays are stored as float32, which holds each value exactly.
+    Of several processes, only process 0 writes."""
+    if jax.process_index() > 0:
+        return
     tmp = path.with_name(path.stem + ".tmp.npz")
     with open(tmp, "wb") as f:
         np.savez(f, **{name: np.asarray(a, np.float32) if a.dtype == jnp.bfloat16 else
