@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1372,10 +1373,10 @@ def interrupt_at(step, monkeypatch):
     """Make the run send itself Ctrl-C (SIGINT) while it fetches the batches of the call that
     holds `step` (the previous call is then still running: the run stops at its end)."""
     get_batch = data.get_batch
-    def get_batch_then_interrupt(tokens, i, *rest, steps=None):
+    def get_batch_then_interrupt(tokens, i, *rest, steps=None, **rows):
         if i <= step < i + (steps or 1):
             os.kill(os.getpid(), signal.SIGINT)
-        return get_batch(tokens, i, *rest, steps=steps)
+        return get_batch(tokens, i, *rest, steps=steps, **rows)
     monkeypatch.setattr(data, "get_batch", get_batch_then_interrupt)
 
 
@@ -1604,6 +1605,182 @@ def test_a_different_seed_gives_different_losses(tmp_path, narrow):
                     "--sample", "0", "--seed", seed, "--out", str(out)])
         losses.append([e["train_loss"] for e in events(out) if "train_loss" in e])
     assert losses[0] != losses[1]
+
+
+# -- several devices and hosts: forced CPU devices, in subprocesses --------------------------------
+# The suite's own JAX keeps one device; the runs on 4 devices (XLA_FLAGS) run in one subprocess,
+# and two processes of 2 devices each form one mesh of 4 through JAX's coordinator on 127.0.0.1.
+# A model with 2 heads (so that 2 devices split attention by whole heads, and 4 cannot) and T 32.
+
+MESH_MODEL = dict(D=32, L=1, H=2, T=32)
+ON_DEVICES = """
+import dataclasses, json, os, signal, sys
+import data, model, train
+data.MIN_VAL_TOKENS = 2_048
+model.PRESETS["tiny"] = dataclasses.replace(model.PRESETS["tiny"], **json.loads(sys.argv[1]))
+runs, placed, status = json.loads(sys.argv[2]), {}, {}
+place_state, get_batch = train.place_state, data.get_batch
+def recording(*args):                       # each parameter's split and bytes on device 0
+    params, opt_state, stats = place_state(*args)
+    placed[name] = {n: [list(p.sharding.spec), p.addressable_shards[0].data.nbytes]
+                    for n, p in params.items()}
+    return params, opt_state, stats
+def interrupting(tokens, i, *rest, steps=None, **rows):     # Ctrl-C during step 7 ("cut" runs)
+    if name.startswith("cut") and i <= 7 < i + (steps or 1):
+        os.kill(os.getpid(), signal.SIGINT)
+    return get_batch(tokens, i, *rest, steps=steps, **rows)
+train.place_state, data.get_batch = recording, interrupting
+for name, argv in runs.items():
+    status[name] = train.run_program(train.main, argv)
+json.dump({"status": status, "placed": placed}, open(sys.argv[3], "w"))
+"""
+
+
+def mesh_flags(corpus, out, *flags):
+    """A run of 2k tokens on the test model, evaluated at 0, 1k and 2k tokens."""
+    return ["--data", str(corpus), "--tokens", "2k", "--log-tokens", "1k", "--eval-tokens", "1k",
+            "--ckpt-tokens", "2k", "--sample", "0", "--steps-per-call", "1", "--out", str(out),
+            *flags]
+
+
+def val_losses(out):
+    return [e["val_loss"] for e in events(out) if "val_loss" in e]
+
+
+def forced_devices(n):
+    """The environment of a subprocess with n CPU devices (and the suite's compilation cache)."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    """(folder, the subprocess's result, its stderr): runs on 4 devices (data parallel, tensor
+    parallel 2 and 4, fully sharded with accumulation, a resume of a 1-device run, a run cut at
+    step 7, --batch 3), and their 1-device references in this process."""
+    tmp = tmp_path_factory.mktemp("mesh")
+    corpus = small_corpus(tmp)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "MIN_VAL_TOKENS", 2_048)
+        patch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"],
+                                                                 **MESH_MODEL))
+        for name, flags in [("one-b4", ["--batch", "4"]),
+                            ("one-b1", ["--batch", "1", "--tokens", "1k"]),
+                            ("one-adam", ["--batch", "4", "--opt", "adam"]),
+                            ("one-adam8", ["--batch", "8", "--opt", "adam"])]:
+            train.main(mesh_flags(corpus, tmp / name, *flags))
+        interrupt_at(7, patch)              # a 1-device run cut at step 7, resumed on 4 below
+        assert train.run_program(train.main, mesh_flags(corpus, tmp / "cut1", "--batch", "4",
+                                                        "--opt", "adam")) == 130
+    runs = {"dp": ["--batch", "4"], "tp2": ["--batch", "4", "--tensor-parallel", "2", "--opt", "adam"],
+            "fsdp": ["--batch", "8", "--grad-accum", "2", "--fsdp", "--opt", "adam"],
+            "tp4": ["--batch", "1", "--tokens", "1k", "--tensor-parallel", "4"],
+            "cut4": ["--batch", "4", "--opt", "adam"]}
+    runs = {name: mesh_flags(corpus, tmp / name, *flags) for name, flags in runs.items()}
+    runs["resumed1"] = ["--resume", "--out", str(tmp / "cut1"), "--tensor-parallel", "2"]
+    runs["b3"] = mesh_flags(corpus, tmp / "b3", "--batch", "3")
+    result = subprocess.run([sys.executable, "-c", ON_DEVICES, json.dumps(MESH_MODEL),
+                             json.dumps(runs), str(tmp / "result.json")], cwd=HERE,
+                            env=forced_devices(4), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, json.loads((tmp / "result.json").read_text()), result.stderr
+
+
+def test_four_data_devices_give_one_devices_losses(mesh_runs):
+    """4 devices on the data axis at --batch 4 log the validation losses of 1 device at --batch
+    4 to float32 tolerance (the batch's gradient, summed over devices in another order), with
+    every parameter whole on each device."""
+    tmp, result, _ = mesh_runs
+    assert result["status"]["dp"] == 0
+    np.testing.assert_allclose(val_losses(tmp / "dp"), val_losses(tmp / "one-b4"), rtol=1e-5)
+    assert len(val_losses(tmp / "dp")) == 3
+    assert all(spec == [None, None] for spec, _ in result["placed"]["dp"].values())
+
+
+def split_by_hand(name, heads_split):
+    """The split a tensor-parallel run must give, written out: rows and columns per matrix."""
+    kind = name.split(".")[-1]
+    return {"embed": ["model", None], "unembed": [None, "model"], "w_up": [None, "model"],
+            "w_down": ["model", None], "wo": ["model" if heads_split else None, None]}.get(
+        kind, [None, "model" if heads_split else None])          # wq, wk, wv: by columns
+
+
+def test_tensor_parallel_splits_each_matrix_as_the_table_says_and_keeps_the_losses(mesh_runs):
+    """--tensor-parallel 2 (data 2) with Adam and 4 (batch size 1): the losses of 1 device; 2
+    devices split q, k, v, the output, the MLP and the vocabulary (50,257 padded to 50,258), 4
+    keep attention whole (2 heads) and split the rest; the files hold the unpadded arrays."""
+    tmp, result, _ = mesh_runs
+    np.testing.assert_allclose(val_losses(tmp / "tp2"), val_losses(tmp / "one-adam"), rtol=1e-4)
+    np.testing.assert_allclose(val_losses(tmp / "tp4"), val_losses(tmp / "one-b1"), rtol=1e-5)
+    for run, heads_split in [("tp2", True), ("tp4", False)]:
+        for name, (spec, _) in result["placed"][run].items():
+            assert spec == split_by_hand(name, heads_split), (run, name)
+    D, n = MESH_MODEL["D"], 2
+    assert result["placed"]["tp2"]["embed"][1] == 50_258 // n * D * 4      # padded rows, float32
+    assert np.load(tmp / "tp2" / "params.npz")["unembed"].shape == (D, 50_257)
+    with np.load(tmp / "tp2" / "ckpt.npz") as ckpt:
+        assert ckpt["opt_state.m.unembed"].shape == (D, 50_257)
+
+
+def test_fsdp_keeps_the_losses_and_divides_each_devices_bytes_by_the_data_axis(mesh_runs):
+    """--fsdp on 4 data devices, with Adam and --grad-accum 2 at --batch 8: the losses of 1 device
+    at --batch 8 without accumulation (the whole batch's gradient still), and each device holds a
+    quarter of every parameter's bytes (split on its D side), where data parallelism holds all."""
+    tmp, result, _ = mesh_runs
+    np.testing.assert_allclose(val_losses(tmp / "fsdp"), val_losses(tmp / "one-adam8"),
+                               rtol=1e-4)
+    for name, (spec, nbytes) in result["placed"]["fsdp"].items():
+        assert "data" in spec, name
+        assert nbytes * 4 == result["placed"]["dp"][name][1], name
+
+
+def test_a_run_resumes_on_another_number_of_devices(mesh_runs, monkeypatch):
+    """An Adam run cut at step 7 on 4 devices resumes on 1, and one cut on 1 resumes on 4 (tensor
+    parallel 2, its state padded and split): both end with the losses of the uncut 1-device run;
+    the data order is the same."""
+    tmp, result, _ = mesh_runs
+    monkeypatch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"],
+                                                                   **MESH_MODEL))
+    assert result["status"]["cut4"] == 130 and result["status"]["resumed1"] == 0
+    train.main(["--resume", "--out", str(tmp / "cut4")])
+    for cut in ("cut4", "cut1"):
+        np.testing.assert_allclose(val_losses(tmp / cut), val_losses(tmp / "one-adam"), rtol=1e-4)
+
+
+def test_a_batch_the_data_axis_does_not_divide_is_one_sentence(mesh_runs):
+    """--batch 3 on 4 data devices: exit 2 and one sentence naming --tensor-parallel."""
+    _, result, stderr = mesh_runs
+    assert result["status"]["b3"] == 2
+    assert ("error: --batch 3 does not split evenly over the mesh's 4 data devices; give a "
+            "multiple of 4, or put devices on the model axis: --tensor-parallel 4 runs batch "
+            "size 1 on all 4.") in stderr
+
+
+def test_two_processes_of_two_devices_give_the_losses_of_one_process_of_four(mesh_runs):
+    """Two processes (2 CPU devices each, gloo, coordinator on 127.0.0.1) train as one mesh of 4
+    at tensor parallel 2: process 0 logs tp2's losses, and process 1 writes nothing (its --out
+    stays absent). Bounded in time; both end by themselves."""
+    tmp, _, _ = mesh_runs
+    with socket.socket() as sock:                       # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**forced_devices(2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}
+    procs = [subprocess.Popen([sys.executable, "-c", ON_DEVICES, json.dumps(MESH_MODEL),
+                               json.dumps({f"p{i}": mesh_flags(
+                                   small_corpus(tmp), tmp / f"two{i}", "--batch", "4",
+                                   "--tensor-parallel", "2", "--opt", "adam",
+                                   "--num-processes", "2", "--process-id", str(i))}),
+                               str(tmp / f"two{i}.json")], cwd=HERE, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        errors = [proc.communicate(timeout=240)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    np.testing.assert_allclose(val_losses(tmp / "two0"), val_losses(tmp / "tp2"), rtol=1e-5)
+    assert not (tmp / "two1").exists()
 
 
 # -- experiments/momentum_toy.py (Appendix B)----------------------------------------------------------

@@ -251,19 +251,15 @@ def main(argv=None):
     peak_lr, t0 = np.float32(s.lr), time.time()
     call, per_call = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
                                    (s.batch, cfg.T), min(intervals) // tokens_per_step,
-                                   s.steps_per_call, rows_sharding := batch_sharding(mesh))
-    call(1), call(per_call)    # both lengths now, so that no compilation falls inside the loop
+                                   s.steps_per_call, batch_sharding(mesh))
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {per_call} steps per call ("
           f"{'--steps-per-call' if s.steps_per_call else 'timed'}), 1 where the loop must look")
     val_x, val_y = (place(a, whole(mesh)) for a in data.val_batches(val_tokens, cfg.T))
     evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
 
-    # batches are addressed by step number, so a resumed run sees the data it would have seen;
-    # each process reads only the rows its devices hold (all of them, in one process)
-    rows = local_rows(rows_sharding, s.batch)
-    def batches(step, n):                 # n steps' batches [n, B, T], sent to the devices once
-        return [jax.make_array_from_process_local_data(rows_sharding, a, (n, s.batch, cfg.T)) for
-                a in data.get_batch(train_tokens, step, s.batch, cfg.T, s.seed, steps=n, rows=rows)]
+    # batches(step, n): n steps' batches [n, B, T], on the devices; addressed by step number, so
+    # a resumed run sees the data it would have seen
+    batches = batch_reader(train_tokens, s, cfg.T, mesh)
 
     def run_eval(step):
         loss = float(evaluate_fn(params, val_x, val_y, cfg=cfg))   # a host sync
@@ -286,10 +282,9 @@ def main(argv=None):
                 "tokens": done * tokens_per_step, "window_start": window_start,
                 "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
                 "val_loss": val_loss, "data_sha256": data_hash}
-        whole_arrays = gathered({"params": params, "opt_state": opt_state}, cfg, mesh)
-        save_arrays(out / "ckpt.npz", {**flatten(whole_arrays), "loss_sum": stats["loss_sum"],
-                                       "key": jax.random.key_data(key),
-                                       "meta": np.array(json.dumps(info))})
+        state = gathered({"params": params, "opt_state": opt_state}, cfg, mesh)  # whole arrays
+        save_arrays(out / "ckpt.npz", {**flatten(state), "loss_sum": stats["loss_sum"], "key":
+                                       jax.random.key_data(key), "meta": np.array(json.dumps(info))})
         saved_step = done
 
     # -- the loop: calls of per_call steps, and of 1 for the last few before a point where it
@@ -792,7 +787,8 @@ def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=No
     time once per n, for arguments (params, opt_state, stats, step, peak_lr) and batches [B, T]
     of batch_shape: nothing recompiles (fixed shapes, the step an array); params, state and stats
     are donated, updated in place, and keep their shardings, as do batches of batch_sharding.
-    steps_per_call: the given one (at most sync_every), or timed (by process 0, for all)."""
+    steps_per_call: the given one (at most sync_every), or timed (by process 0, for all). Both
+    lengths, 1 and steps_per_call, are compiled before it returns."""
     def ids(n):                                       # ids in the shape of a call's batches
         zeros = np.zeros((n, *batch_shape), np.int32)
         return zeros if batch_sharding is None else place(zeros, batch_sharding)
@@ -806,10 +802,10 @@ def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=No
                         out_shardings=jax.tree.map(lambda a: a.sharding, arguments[:3]))
                 .lower(*jax.tree.map(spec, (*arguments[:4], ids(n), ids(n), arguments[4])))
                 .compile())
-    if steps_per_call:
-        return call, min(steps_per_call, max(1, sync_every))
-    return call, from_process_0(default_steps_per_call(
-        call(1), (*arguments[:4], ids(1), ids(1), arguments[4]), sync_every))
+    n = min(steps_per_call, max(1, sync_every)) if steps_per_call else from_process_0(
+        default_steps_per_call(call(1), (*arguments[:4], ids(1), ids(1), arguments[4]), sync_every))
+    call(1), call(n)        # both lengths now, so that no compilation falls inside a loop
+    return call, n
 
 
 def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
@@ -920,10 +916,17 @@ def batch_sharding(mesh):
     return NamedSharding(mesh, PartitionSpec(None, "data"))
 
 
-def local_rows(sharding, batch):
-    """The rows of each batch that this process's devices hold: all of them, in one process."""
-    rows = [i[1] for i in sharding.addressable_devices_indices_map((1, batch, 1)).values()]
-    return slice(min(r.start or 0 for r in rows), max(r.stop or batch for r in rows))
+def batch_reader(train_tokens, s, T, mesh):
+    """batches(step, n): the inputs and targets [n, B, T] of n steps from step on, their rows split
+    over the data axis; each process reads only the rows its devices hold (all, in one process)."""
+    sharding, B = batch_sharding(mesh), s.batch
+    held = [i[1] for i in sharding.addressable_devices_indices_map((1, B, 1)).values()]
+    rows = slice(min(r.start or 0 for r in held), max(r.stop or B for r in held))
+
+    def batches(step, n):
+        return [jax.make_array_from_process_local_data(sharding, a, (n, B, T)) for a in
+                data.get_batch(train_tokens, step, B, T, s.seed, steps=n, rows=rows)]
+    return batches
 
 
 def place(a, sharding):
@@ -935,7 +938,8 @@ def place(a, sharding):
 
 def pad_vocab(a, cfg, V):
     """a with every axis of cfg.V entries padded with zeros to V (model.padded_vocab)."""
-    return np.pad(np.asarray(a), [(0, V - n if n == cfg.V else 0) for n in np.shape(a)])
+    widths = [(0, V - n if n == cfg.V else 0) for n in np.shape(a)]
+    return np.pad(a, widths) if any(w for _, w in widths) else np.asarray(a)
 
 
 def place_state(mesh, cfg, fsdp, opt, params, opt_state, stats):
