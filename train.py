@@ -209,6 +209,7 @@ def make_multi_step(train_step):
     return multi_step
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
 def evaluate(params, x, y, cfg):
     """Mean loss over all validation windows x, y [N, T], one window at a time (8 at a time
     measured 2x slower on a 2-core CPU: the [8, T, V] logits make logsumexp memory-bound)."""
@@ -255,14 +256,13 @@ def main(argv=None):
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {per_call} steps per call ("
           f"{'--steps-per-call' if s.steps_per_call else 'timed'}), 1 where the loop must look")
     val_x, val_y = (place(a, whole(mesh)) for a in data.val_batches(val_tokens, cfg.T))
-    evaluate_fn = jax.jit(evaluate, static_argnames="cfg")
 
     # batches(step, n): n steps' batches [n, B, T], on the devices; addressed by step number, so
     # a resumed run sees the data it would have seen
     batches = batch_reader(train_tokens, s, cfg.T, mesh)
 
     def run_eval(step):
-        loss = float(evaluate_fn(params, val_x, val_y, cfg=cfg))   # a host sync
+        loss = float(evaluate(params, val_x, val_y, cfg=cfg))   # a host sync
         log_event(log_file, step=step, tokens=step * tokens_per_step, val_loss=loss)
         print(f"step {step:>6,}/{n_steps:,} | validation loss {loss:.4f}")
         return loss
@@ -282,9 +282,9 @@ def main(argv=None):
                 "tokens": done * tokens_per_step, "window_start": window_start,
                 "window_s": time.time() - t_window, "elapsed_s": time.time() - t_start,
                 "val_loss": val_loss, "data_sha256": data_hash}
-        state = gathered({"params": params, "opt_state": opt_state}, cfg, mesh)  # whole arrays
-        save_arrays(out / "ckpt.npz", {**flatten(state), "loss_sum": stats["loss_sum"], "key":
-                                       jax.random.key_data(key), "meta": np.array(json.dumps(info))})
+        arrays = {**flatten(gathered({"params": params, "opt_state": opt_state}, cfg, mesh)),
+                  "loss_sum": stats["loss_sum"], "key": jax.random.key_data(key)}
+        save_arrays(out / "ckpt.npz", {**arrays, "meta": np.array(json.dumps(info))})
         saved_step = done
 
     # -- the loop: calls of per_call steps, and of 1 for the last few before a point where it
@@ -323,7 +323,8 @@ def main(argv=None):
             if stop:
                 break
     except data.DataError as e:   # an id past the vocabulary in the next batches (load checks
-        if not diverged(stats, params, done):     # a sample only): keep the steps done so far
+        # a sample only): keep the steps done so far (of several processes, only this one read it)
+        if jax.process_count() == 1 and not diverged(stats, params, done):
             checkpoint(done)
         raise UsageError(f"{str(e).rstrip('.')}; {out}/ckpt.npz keeps the state of step "
                          f"{saved_step:,}.") from None
@@ -892,9 +893,10 @@ def check_mesh(tensor_parallel, batch):
         raise UsageError(f"--tensor-parallel {tensor_parallel} does not divide the {n} devices; "
                          f"give a divisor of {n}.")
     if batch % (n // tensor_parallel):
-        raise UsageError(f"--batch {batch} does not split evenly over the mesh's {n // tensor_parallel}"
-                         f" data devices; give a multiple of {n // tensor_parallel}, or put devices "
-                         f"on the model axis: --tensor-parallel {n} runs batch size 1 on all {n}.")
+        raise UsageError(f"--batch {batch} does not split evenly over the mesh's "
+                         f"{n // tensor_parallel} data devices; give a multiple of "
+                         f"{n // tensor_parallel}, or put devices on the model axis: "
+                         f"--tensor-parallel {n} runs batch size 1 on all {n}.")
 
 
 def make_mesh(tensor_parallel):
