@@ -5,9 +5,10 @@
 Sections, in order: the optimizers against numpy; Muon; bf16 weights and stochastic rounding;
 half-lives and the schedule; the model; the tokenizer and data; token files and big data;
 training (the step, calls of many steps, main, the flags and their errors); checkpoints, resume,
-fine-tuning from a saved run, divergence; experiments/momentum_toy.py; gradient accumulation and
-experiments/ batch_size_study.py, memory.py (counted and compiled), finetune.py (LoRA),
-find_batch.py and bf16_rounding.py; the layout of the code; the exercises of docs/exercises.md.
+fine-tuning from a saved run, divergence; several devices and hosts (forced CPU devices, two
+processes); experiments/momentum_toy.py; gradient accumulation and experiments/
+batch_size_study.py, memory.py (counted and compiled), finetune.py (LoRA), find_batch.py and
+bf16_rounding.py; the layout of the code; the exercises of docs/exercises.md.
 """
 import atexit
 import dataclasses
@@ -1652,48 +1653,78 @@ def forced_devices(n):
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
 
 
+def on_devices(tmp, name, n, runs, **env):
+    """Start ON_DEVICES with these runs on n forced CPU devices; it writes tmp/<name>.json and
+    its stderr to tmp/<name>.err."""
+    return subprocess.Popen([sys.executable, "-c", ON_DEVICES, json.dumps(MESH_MODEL),
+                             json.dumps(runs), str(tmp / f"{name}.json")], cwd=HERE,
+                            env={**forced_devices(n), **env}, stdout=subprocess.DEVNULL,
+                            stderr=(tmp / f"{name}.err").open("w"))
+
+
 @pytest.fixture(scope="module")
 def mesh_runs(tmp_path_factory):
-    """(folder, the subprocess's result, its stderr): runs on 4 devices (data parallel, tensor
-    parallel 2 and 4, fully sharded with accumulation, a resume of a 1-device run, a run cut at
-    step 7, --batch 3), and their 1-device references in this process."""
+    """(folder, {program: (exit status, its result, its stderr)}): "four" runs on 4 devices (data
+    parallel, tensor parallel 2 and 4, fully sharded with accumulation, a run cut at step 7,
+    --batch 3), "two0" and "two1" are two processes of 2 devices, "resumed" resumes a 1-device
+    run on 4; their 1-device references run in this process meanwhile (the 2 cores are busier)."""
     tmp = tmp_path_factory.mktemp("mesh")
     corpus = small_corpus(tmp)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "MIN_VAL_TOKENS", 2_048)
-        patch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"],
-                                                                 **MESH_MODEL))
-        for name, flags in [("one-b4", ["--batch", "4"]),
-                            ("one-b1", ["--batch", "1", "--tokens", "1k"]),
-                            ("one-adam", ["--batch", "4", "--opt", "adam"]),
-                            ("one-adam8", ["--batch", "8", "--opt", "adam"])]:
-            train.main(mesh_flags(corpus, tmp / name, *flags))
-        interrupt_at(7, patch)              # a 1-device run cut at step 7, resumed on 4 below
-        assert train.run_program(train.main, mesh_flags(corpus, tmp / "cut1", "--batch", "4",
-                                                        "--opt", "adam")) == 130
-    runs = {"dp": ["--batch", "4"], "tp2": ["--batch", "4", "--tensor-parallel", "2", "--opt", "adam"],
+    runs = {"dp": ["--batch", "4"],
+            "tp2": ["--batch", "4", "--tensor-parallel", "2", "--opt", "adam"],
             "fsdp": ["--batch", "8", "--grad-accum", "2", "--fsdp", "--opt", "adam"],
             "tp4": ["--batch", "1", "--tokens", "1k", "--tensor-parallel", "4"],
-            "cut4": ["--batch", "4", "--opt", "adam"]}
-    runs = {name: mesh_flags(corpus, tmp / name, *flags) for name, flags in runs.items()}
-    runs["resumed1"] = ["--resume", "--out", str(tmp / "cut1"), "--tensor-parallel", "2"]
-    runs["b3"] = mesh_flags(corpus, tmp / "b3", "--batch", "3")
-    result = subprocess.run([sys.executable, "-c", ON_DEVICES, json.dumps(MESH_MODEL),
-                             json.dumps(runs), str(tmp / "result.json")], cwd=HERE,
-                            env=forced_devices(4), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp, json.loads((tmp / "result.json").read_text()), result.stderr
+            "cut4": ["--batch", "4", "--opt", "adam"], "b3": ["--batch", "3"]}
+    procs = {"four": on_devices(tmp, "four", 4, {name: mesh_flags(corpus, tmp / name, *flags)
+                                                 for name, flags in runs.items()})}
+    with socket.socket() as sock:                       # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    for i in range(2):      # process 1 is given its own --out, which it must not create
+        procs[f"two{i}"] = on_devices(tmp, f"two{i}", 2, {f"p{i}": mesh_flags(
+            corpus, tmp / f"two{i}", "--batch", "4", "--tensor-parallel", "2", "--opt", "adam",
+            "--num-processes", "2", "--process-id", str(i))}, JAX_COORDINATOR_ADDRESS=address,
+            JAX_COORDINATOR_BIND_ADDRESS=address)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(data, "MIN_VAL_TOKENS", 2_048)
+            patch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"],
+                                                                     **MESH_MODEL))
+            with pytest.MonkeyPatch.context() as cut:    # a 1-device run cut at step 7
+                interrupt_at(7, cut)
+                assert train.run_program(train.main, mesh_flags(
+                    corpus, tmp / "cut1", "--batch", "4", "--opt", "adam")) == 130
+            procs["resumed"] = on_devices(tmp, "resumed", 4, {"resumed1": [
+                "--resume", "--out", str(tmp / "cut1"), "--tensor-parallel", "2"]})
+            for name, flags in [("one-b4", ["--batch", "4"]),
+                                ("one-b1", ["--batch", "1", "--tokens", "1k"]),
+                                ("one-adam", ["--batch", "4", "--opt", "adam"]),
+                                ("one-adam8", ["--batch", "8", "--opt", "adam"])]:
+                train.main(mesh_flags(corpus, tmp / name, *flags))
+        for proc in procs.values():
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    return tmp, {name: (proc.returncode, json.loads((tmp / f"{name}.json").read_text())
+                        if proc.returncode == 0 else None, (tmp / f"{name}.err").read_text())
+                 for name, proc in procs.items()}
+
+
+def placed(mesh_runs, run):
+    """{parameter: [its PartitionSpec as a list, its bytes on the first device]} of a run."""
+    return mesh_runs[1]["four"][1]["placed"][run]
 
 
 def test_four_data_devices_give_one_devices_losses(mesh_runs):
     """4 devices on the data axis at --batch 4 log the validation losses of 1 device at --batch
     4 to float32 tolerance (the batch's gradient, summed over devices in another order), with
     every parameter whole on each device."""
-    tmp, result, _ = mesh_runs
-    assert result["status"]["dp"] == 0
+    tmp, results = mesh_runs
+    assert results["four"][0] == 0, results["four"][2][-3000:]
     np.testing.assert_allclose(val_losses(tmp / "dp"), val_losses(tmp / "one-b4"), rtol=1e-5)
     assert len(val_losses(tmp / "dp")) == 3
-    assert all(spec == [None, None] for spec, _ in result["placed"]["dp"].values())
+    assert all(spec == [None, None] for spec, _ in placed(mesh_runs, "dp").values())
 
 
 def split_by_hand(name, heads_split):
@@ -1708,14 +1739,14 @@ def test_tensor_parallel_splits_each_matrix_as_the_table_says_and_keeps_the_loss
     """--tensor-parallel 2 (data 2) with Adam and 4 (batch size 1): the losses of 1 device; 2
     devices split q, k, v, the output, the MLP and the vocabulary (50,257 padded to 50,258), 4
     keep attention whole (2 heads) and split the rest; the files hold the unpadded arrays."""
-    tmp, result, _ = mesh_runs
+    tmp, _ = mesh_runs
     np.testing.assert_allclose(val_losses(tmp / "tp2"), val_losses(tmp / "one-adam"), rtol=1e-4)
     np.testing.assert_allclose(val_losses(tmp / "tp4"), val_losses(tmp / "one-b1"), rtol=1e-5)
     for run, heads_split in [("tp2", True), ("tp4", False)]:
-        for name, (spec, _) in result["placed"][run].items():
+        for name, (spec, _) in placed(mesh_runs, run).items():
             assert spec == split_by_hand(name, heads_split), (run, name)
     D, n = MESH_MODEL["D"], 2
-    assert result["placed"]["tp2"]["embed"][1] == 50_258 // n * D * 4      # padded rows, float32
+    assert placed(mesh_runs, "tp2")["embed"][1] == 50_258 // n * D * 4      # padded, float32
     assert np.load(tmp / "tp2" / "params.npz")["unembed"].shape == (D, 50_257)
     with np.load(tmp / "tp2" / "ckpt.npz") as ckpt:
         assert ckpt["opt_state.m.unembed"].shape == (D, 50_257)
@@ -1725,22 +1756,24 @@ def test_fsdp_keeps_the_losses_and_divides_each_devices_bytes_by_the_data_axis(m
     """--fsdp on 4 data devices, with Adam and --grad-accum 2 at --batch 8: the losses of 1 device
     at --batch 8 without accumulation (the whole batch's gradient still), and each device holds a
     quarter of every parameter's bytes (split on its D side), where data parallelism holds all."""
-    tmp, result, _ = mesh_runs
+    tmp, _ = mesh_runs
     np.testing.assert_allclose(val_losses(tmp / "fsdp"), val_losses(tmp / "one-adam8"),
                                rtol=1e-4)
-    for name, (spec, nbytes) in result["placed"]["fsdp"].items():
+    for name, (spec, nbytes) in placed(mesh_runs, "fsdp").items():
         assert "data" in spec, name
-        assert nbytes * 4 == result["placed"]["dp"][name][1], name
+        assert nbytes * 4 == placed(mesh_runs, "dp")[name][1], name
 
 
 def test_a_run_resumes_on_another_number_of_devices(mesh_runs, monkeypatch):
     """An Adam run cut at step 7 on 4 devices resumes on 1, and one cut on 1 resumes on 4 (tensor
     parallel 2, its state padded and split): both end with the losses of the uncut 1-device run;
     the data order is the same."""
-    tmp, result, _ = mesh_runs
+    tmp, results = mesh_runs
     monkeypatch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"],
                                                                    **MESH_MODEL))
-    assert result["status"]["cut4"] == 130 and result["status"]["resumed1"] == 0
+    assert results["resumed"][0] == 0, results["resumed"][2][-3000:]
+    assert results["four"][1]["status"]["cut4"] == 130
+    assert results["resumed"][1]["status"]["resumed1"] == 0
     train.main(["--resume", "--out", str(tmp / "cut4")])
     for cut in ("cut4", "cut1"):
         np.testing.assert_allclose(val_losses(tmp / cut), val_losses(tmp / "one-adam"), rtol=1e-4)
@@ -1748,7 +1781,8 @@ def test_a_run_resumes_on_another_number_of_devices(mesh_runs, monkeypatch):
 
 def test_a_batch_the_data_axis_does_not_divide_is_one_sentence(mesh_runs):
     """--batch 3 on 4 data devices: exit 2 and one sentence naming --tensor-parallel."""
-    _, result, stderr = mesh_runs
+    _, results = mesh_runs
+    status, result, stderr = results["four"]
     assert result["status"]["b3"] == 2
     assert ("error: --batch 3 does not split evenly over the mesh's 4 data devices; give a "
             "multiple of 4, or put devices on the model axis: --tensor-parallel 4 runs batch "
@@ -1757,29 +1791,13 @@ def test_a_batch_the_data_axis_does_not_divide_is_one_sentence(mesh_runs):
 
 def test_two_processes_of_two_devices_give_the_losses_of_one_process_of_four(mesh_runs):
     """Two processes (2 CPU devices each, gloo, coordinator on 127.0.0.1) train as one mesh of 4
-    at tensor parallel 2: process 0 logs tp2's losses, and process 1 writes nothing (its --out
-    stays absent). Bounded in time; both end by themselves."""
-    tmp, _, _ = mesh_runs
-    with socket.socket() as sock:                       # a free port for the coordinator
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**forced_devices(2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}
-    procs = [subprocess.Popen([sys.executable, "-c", ON_DEVICES, json.dumps(MESH_MODEL),
-                               json.dumps({f"p{i}": mesh_flags(
-                                   small_corpus(tmp), tmp / f"two{i}", "--batch", "4",
-                                   "--tensor-parallel", "2", "--opt", "adam",
-                                   "--num-processes", "2", "--process-id", str(i))}),
-                               str(tmp / f"two{i}.json")], cwd=HERE, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        errors = [proc.communicate(timeout=240)[1] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    at tensor parallel 2: process 0 logs the losses of one process of 4 devices, and process 1
+    writes nothing (its --out stays absent). Bounded in time; both end by themselves."""
+    tmp, results = mesh_runs
+    for i in range(2):
+        assert results[f"two{i}"][0] == 0, results[f"two{i}"][2][-3000:]
     np.testing.assert_allclose(val_losses(tmp / "two0"), val_losses(tmp / "tp2"), rtol=1e-5)
+    assert len(val_losses(tmp / "two0")) == 3
     assert not (tmp / "two1").exists()
 
 
