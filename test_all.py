@@ -1,6 +1,6 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
-    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # 5.3 to 6 minutes on a 2-core CPU
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about 6.5 minutes on a 2-core CPU
 
 Sections, in order: the optimizers against numpy; Muon; bf16 weights and stochastic rounding;
 half-lives and the schedule; the model; the tokenizer and data; token files and big data;
@@ -1637,11 +1637,11 @@ json.dump({"status": status, "placed": placed}, open(sys.argv[3], "w"))
 """
 
 
-def mesh_flags(corpus, out, *flags):
-    """A run of 2k tokens on the test model, evaluated at 0, 1k and 2k tokens."""
+def mesh_flags(corpus, out, *flags, per_call=["--steps-per-call", "1"]):
+    """A run of 2k tokens on the test model, evaluated at 0, 1k and 2k tokens, a step per call
+    (per_call=[]: as many as timed)."""
     return ["--data", str(corpus), "--tokens", "2k", "--log-tokens", "1k", "--eval-tokens", "1k",
-            "--ckpt-tokens", "2k", "--sample", "0", "--steps-per-call", "1", "--out", str(out),
-            *flags]
+            "--ckpt-tokens", "2k", "--sample", "0", "--out", str(out), *per_call, *flags]
 
 
 def val_losses(out):
@@ -1666,25 +1666,29 @@ def on_devices(tmp, name, n, runs, **env):
 def mesh_runs(tmp_path_factory):
     """(folder, {program: (exit status, its result, its stderr)}): "four" runs on 4 devices (data
     parallel, tensor parallel 2 and 4, fully sharded with accumulation, a run cut at step 7,
-    --batch 3), "two0" and "two1" are two processes of 2 devices, "resumed" resumes a 1-device
-    run on 4; their 1-device references run in this process meanwhile (the 2 cores are busier)."""
+    --batch 3), "two0" and "two1" are two processes of 2 devices, "bad0" and "bad1" two where
+    only process 1 finds a mistake, "resumed" resumes a 1-device run on 4; their 1-device
+    references run in this process meanwhile (the 2 cores are busier)."""
     tmp = tmp_path_factory.mktemp("mesh")
     corpus = small_corpus(tmp)
     runs = {"dp": ["--batch", "4"],
             "tp2": ["--batch", "4", "--tensor-parallel", "2", "--opt", "adam"],
             "fsdp": ["--batch", "8", "--grad-accum", "2", "--fsdp", "--opt", "adam"],
             "tp4": ["--batch", "1", "--tokens", "1k", "--tensor-parallel", "4"],
-            "cut4": ["--batch", "4", "--opt", "adam"], "b3": ["--batch", "3"]}
+            "cut4": ["--batch", "4", "--opt", "adam", "--tensor-parallel", "2"],
+            "b3": ["--batch", "3"]}
     procs = {"four": on_devices(tmp, "four", 4, {name: mesh_flags(corpus, tmp / name, *flags)
                                                  for name, flags in runs.items()})}
-    with socket.socket() as sock:                       # a free port for the coordinator
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
-    for i in range(2):      # process 1 is given its own --out, which it must not create
-        procs[f"two{i}"] = on_devices(tmp, f"two{i}", 2, {f"p{i}": mesh_flags(
-            corpus, tmp / f"two{i}", "--batch", "4", "--tensor-parallel", "2", "--opt", "adam",
-            "--num-processes", "2", "--process-id", str(i))}, JAX_COORDINATOR_ADDRESS=address,
-            JAX_COORDINATOR_BIND_ADDRESS=address)
+    for pair, bad_data in [("two", corpus), ("bad", tmp / "missing.txt")]:
+        with socket.socket() as sock:                   # a free port for the coordinator
+            sock.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
+        for i in range(2):  # process 1 has its own --out, which it must not create, and "bad1"
+            procs[f"{pair}{i}"] = on_devices(tmp, f"{pair}{i}", 2, {f"p{i}": mesh_flags(
+                bad_data if i else corpus, tmp / f"{pair}{i}", "--batch", "4", "--opt", "adam",
+                "--tensor-parallel", "2", "--num-processes", "2", "--process-id", str(i),
+                per_call=[])}, JAX_COORDINATOR_ADDRESS=address,   # timed by process 0, for both
+                JAX_COORDINATOR_BIND_ADDRESS=address)           # a --data that does not exist
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(data, "MIN_VAL_TOKENS", 2_048)
@@ -1765,9 +1769,9 @@ def test_fsdp_keeps_the_losses_and_divides_each_devices_bytes_by_the_data_axis(m
 
 
 def test_a_run_resumes_on_another_number_of_devices(mesh_runs, monkeypatch):
-    """An Adam run cut at step 7 on 4 devices resumes on 1, and one cut on 1 resumes on 4 (tensor
-    parallel 2, its state padded and split): both end with the losses of the uncut 1-device run;
-    the data order is the same."""
+    """An Adam run cut at step 7 on 4 devices (tensor parallel 2: its state padded and split, saved
+    whole) resumes on 1, and one cut on 1 resumes on 4 (tensor parallel 2): both end with the
+    losses of the uncut 1-device run; the data order is the same."""
     tmp, results = mesh_runs
     monkeypatch.setitem(model.PRESETS, "tiny", dataclasses.replace(model.PRESETS["tiny"],
                                                                    **MESH_MODEL))
@@ -1799,6 +1803,15 @@ def test_two_processes_of_two_devices_give_the_losses_of_one_process_of_four(mes
     np.testing.assert_allclose(val_losses(tmp / "two0"), val_losses(tmp / "tp2"), rtol=1e-5)
     assert len(val_losses(tmp / "two0")) == 3
     assert not (tmp / "two1").exists()
+
+
+def test_a_mistake_found_by_one_process_stops_both(mesh_runs):
+    """Of two processes, only process 1 is given a --data that does not exist: it says so, and
+    process 0, which found no mistake, stops too instead of waiting for it; both exit 2."""
+    tmp, results = mesh_runs
+    assert results["bad0"][1]["status"] == {"p0": 2} and results["bad1"][1]["status"] == {"p1": 2}
+    assert "error: another process stopped on a mistake" in results["bad0"][2]
+    assert "missing.txt" in results["bad1"][2] and "missing.txt" not in results["bad0"][2]
 
 
 # -- experiments/momentum_toy.py (Appendix B)----------------------------------------------------------

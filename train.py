@@ -111,8 +111,7 @@ def make_parser():
     add("--sample", type=int, default=200, help="tokens to sample at the end (%(default)s)")
     add("--prompt", default="\n", help="the text the sample continues (default: a newline)")
     add("--temperature", type=float, default=1.0, help="sampling temperature (%(default)s)")
-    device_flags(p)                       # where it runs: the mesh and the hosts (after main)
-    return p
+    return device_flags(p)                # and where it runs: devices and hosts (after main)
 
 
 # -- the train step: gradient, accumulation, optimizer, rounding --------------------------------
@@ -155,15 +154,17 @@ def accumulation_buffer(params):
     return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
 
-def gradients(params, x, y, cfg, grad_accum=1):
+def gradients(params, x, y, cfg, grad_accum=1, sharding=None):
     """(mean loss, gradient) of the batch x, y [B, T]. With grad_accum > 1: that many micro-batches
     run one after another, their gradients summed into accumulation_buffer: the same gradient in
-    less activation memory, for a parameter-sized buffer and no other gain (the paper's point)."""
+    less activation memory, for a parameter-sized buffer and no other gain (the paper's point).
+    Each micro-batch keeps the batches' sharding over devices (else XLA gathers it everywhere)."""
     if grad_accum == 1:
         return jax.value_and_grad(model.loss_fn)(params, x, y, cfg)
 
     def micro_batches(a):                              # [grad_accum, B / grad_accum, T]
-        return a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+        a = a.reshape(grad_accum, a.shape[0] // grad_accum, *a.shape[1:])
+        return a if sharding is None else jax.lax.with_sharding_constraint(a, sharding)
 
     def add_micro_batch(total, xy):
         loss, g = jax.value_and_grad(model.loss_fn)(params, *xy, cfg)
@@ -175,13 +176,13 @@ def gradients(params, x, y, cfg, grad_accum=1):
 
 
 def make_train_step(cfg, opt, n_steps, warmup, grad_accum=1, rounding=None, key=None,
-                    schedule="cosine"):
+                    schedule="cosine", sharding=None):
     """The step to jit: (params, opt_state, stats, step, x, y, peak_lr) -> (params, opt_state,
     stats), at optim.lr_at's rate. stats: the loss summed since the last log, and the first step
     whose loss was not finite (or -1), on device until read. peak_lr is an array: the study vmaps
-    over rates."""
+    over rates. key: the run's, for stochastic rounding; sharding: the batches' (gradients)."""
     def train_step(params, opt_state, stats, step, x, y, peak_lr):
-        loss, grads = gradients(params, x, y, cfg, grad_accum)
+        loss, grads = gradients(params, x, y, cfg, grad_accum, sharding)
         lr = optim.lr_at(step, n_steps, peak_lr, warmup, schedule)
         # grads come in the parameters' dtype (float32 when accumulated); every optimizer
         # computes in float32 (optim.py)
@@ -247,19 +248,18 @@ def main(argv=None):
     mesh = make_mesh(s.tensor_parallel)   # every device (of every process): one, or many
     params, opt_state, stats = place_state(mesh, cfg, s.fsdp, opt, params, opt_state, stats)
     step_fn = make_train_step(cfg, opt, n_steps, s.warmup, s.grad_accum, s.rounding,
-                              jax.random.fold_in(key, 2), s.schedule)   # the rounding's bits
+                              jax.random.fold_in(key, 2), s.schedule, batch_sharding(mesh))
     intervals = (s.log_tokens, s.eval_tokens, s.ckpt_tokens)  # tokens between looks, for each
     peak_lr, t0 = np.float32(s.lr), time.time()
     call, per_call = compile_calls(step_fn, (params, opt_state, stats, np.int32(0), peak_lr),
                                    (s.batch, cfg.T), min(intervals) // tokens_per_step,
                                    s.steps_per_call, batch_sharding(mesh))
+    call(1), call(per_call)    # both lengths now, so that no compilation falls inside the loop
     print(f"compiled   the train step in {time.time() - t0:.1f} s; {per_call} steps per call ("
           f"{'--steps-per-call' if s.steps_per_call else 'timed'}), 1 where the loop must look")
     val_x, val_y = (place(a, whole(mesh)) for a in data.val_batches(val_tokens, cfg.T))
 
-    # batches(step, n): n steps' batches [n, B, T], on the devices; addressed by step number, so
-    # a resumed run sees the data it would have seen
-    batches = batch_reader(train_tokens, s, cfg.T, mesh)
+    batches = batch_reader(train_tokens, s, cfg.T, mesh)   # by step number, as a resume needs
 
     def run_eval(step):
         loss = float(evaluate(params, val_x, val_y, cfg=cfg))   # a host sync
@@ -323,8 +323,7 @@ def main(argv=None):
             if stop:
                 break
     except data.DataError as e:   # an id past the vocabulary in the next batches (load checks
-        # a sample only): keep the steps done so far (of several processes, only this one read it)
-        if jax.process_count() == 1 and not diverged(stats, params, done):
+        if not diverged(stats, params, done):     # a sample only): keep the steps done so far
             checkpoint(done)
         raise UsageError(f"{str(e).rstrip('.')}; {out}/ckpt.npz keeps the state of step "
                          f"{saved_step:,}.") from None
@@ -602,7 +601,7 @@ def resolve(argv):
     data is found here, on every process of a run on several hosts."""
     args, given = parse_args(make_parser(), argv)
     start_processes(args)                      # before JAX touches a device
-    return agreed(resolve_run, args, given)
+    return agreed(UsageError, resolve_run, args, given)
 
 
 def resolve_run(args, given):
@@ -788,8 +787,7 @@ def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=No
     time once per n, for arguments (params, opt_state, stats, step, peak_lr) and batches [B, T]
     of batch_shape: nothing recompiles (fixed shapes, the step an array); params, state and stats
     are donated, updated in place, and keep their shardings, as do batches of batch_sharding.
-    steps_per_call: the given one (at most sync_every), or timed (by process 0, for all). Both
-    lengths, 1 and steps_per_call, are compiled before it returns."""
+    steps_per_call: the given one (at most sync_every), or timed (by process 0, for all)."""
     def ids(n):                                       # ids in the shape of a call's batches
         zeros = np.zeros((n, *batch_shape), np.int32)
         return zeros if batch_sharding is None else place(zeros, batch_sharding)
@@ -803,10 +801,10 @@ def compile_calls(step_fn, arguments, batch_shape, sync_every, steps_per_call=No
                         out_shardings=jax.tree.map(lambda a: a.sharding, arguments[:3]))
                 .lower(*jax.tree.map(spec, (*arguments[:4], ids(n), ids(n), arguments[4])))
                 .compile())
-    n = min(steps_per_call, max(1, sync_every)) if steps_per_call else from_process_0(
-        default_steps_per_call(call(1), (*arguments[:4], ids(1), ids(1), arguments[4]), sync_every))
-    call(1), call(n)        # both lengths now, so that no compilation falls inside a loop
-    return call, n
+    if steps_per_call:
+        return call, min(steps_per_call, max(1, sync_every))
+    return call, from_process_0(default_steps_per_call(
+        call(1), (*arguments[:4], ids(1), ids(1), arguments[4]), sync_every))
 
 
 def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
@@ -824,7 +822,8 @@ def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
 # -- several devices and hosts: the mesh, the state on it, what the processes agree on ----------
 
 def device_flags(parser):
-    """The flags of where a run runs; they change no result, and a resumed run takes them anew."""
+    """parser, with the flags of where a run runs: they change no result, and a resumed run takes
+    them anew."""
     g = parser.add_argument_group("several devices and hosts (README: Several devices)")
     g.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="devices on the "
                    "mesh's model axis, which split each matrix (model.SHARDING); the rest split "
@@ -835,6 +834,7 @@ def device_flags(parser):
                    "joined at JAX_COORDINATOR_ADDRESS (default: 1, or what JAX finds on a cluster)")
     g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N - 1 "
                    "(default: what JAX finds on a cluster)")
+    return parser
 
 
 def start_processes(args):
@@ -843,7 +843,8 @@ def start_processes(args):
     the address and the ids), or under srun or mpirun with several tasks. Only process 0 prints."""
     tasks = max(int(os.environ.get(n, 1)) for n in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
     if jax.distributed.is_initialized() or not (
-            os.environ.get("JAX_COORDINATOR_ADDRESS") or args.num_processes or tasks > 1):
+            os.environ.get("JAX_COORDINATOR_ADDRESS") or (args.num_processes or 1) > 1
+            or tasks > 1):
         return
     if args.process_id is not None and args.process_id >= (args.num_processes or 1):
         raise UsageError(f"--process-id {args.process_id} must be below --num-processes "
@@ -852,24 +853,24 @@ def start_processes(args):
     try:
         jax.distributed.initialize(num_processes=args.num_processes, process_id=args.process_id)
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"the processes could not join (jax.distributed.initialize: {e}); set "
+        raise UsageError(f"the processes could not join (jax.distributed.initialize: "
+                         f"{str(e).splitlines()[0]}); set "
                          "JAX_COORDINATOR_ADDRESS to process 0's host:port, with "
                          "--num-processes and --process-id.") from None
     if jax.process_index() > 0:
         sys.stdout = open(os.devnull, "w")
 
 
-def agreed(fn, *args):
-    """fn(*args) on every process, where a mistake found in one stops all: the others would
-    otherwise wait for it in their first collective. In one process, just fn(*args)."""
+def agreed(kind, fn, *args):
+    """fn(*args) on every process, where a mistake (an exception of `kind`) found by one is
+    raised by all: the others would otherwise wait for it in their next collective. In one
+    process, just fn(*args)."""
     try:
         result, error = fn(*args), None
-    except UsageError as e:
+    except kind as e:
         result, error = None, e
-    if error is None and any_process(error is not None):
-        error = UsageError("another process found a mistake; its sentence is on its stderr.")
-    if error is not None:
-        raise error
+    if any_process(error is not None):          # every process asks, failed or not
+        raise error or kind("another process stopped on a mistake; its sentence is on its stderr.")
     return result
 
 
@@ -919,16 +920,17 @@ def batch_sharding(mesh):
 
 
 def batch_reader(train_tokens, s, T, mesh):
-    """batches(step, n): the inputs and targets [n, B, T] of n steps from step on, their rows split
-    over the data axis; each process reads only the rows its devices hold (all, in one process)."""
+    """batches(step, n): the inputs and targets [n, B, T] of n steps from step on, on the devices,
+    their rows split over the data axis; addressed by step number, so a resumed run sees the data
+    it would have seen. Each process reads only the rows its devices hold (all, in one process)."""
     sharding, B = batch_sharding(mesh), s.batch
-    held = [i[1] for i in sharding.addressable_devices_indices_map((1, B, 1)).values()]
-    rows = slice(min(r.start or 0 for r in held), max(r.stop or B for r in held))
+    rows = np.unique(np.concatenate([np.arange(B)[index[1]] for index in   # in the mesh's order
+                                     sharding.addressable_devices_indices_map((1, B, 1)).values()]))
 
-    def batches(step, n):
+    def read(step, n):
         return [jax.make_array_from_process_local_data(sharding, a, (n, B, T)) for a in
                 data.get_batch(train_tokens, step, B, T, s.seed, steps=n, rows=rows)]
-    return batches
+    return lambda step, n: agreed(data.DataError, read, step, n)   # a bad id stops every process
 
 
 def place(a, sharding):
