@@ -824,12 +824,12 @@ def default_steps_per_call(call_1, arguments, sync_every, seconds=2.0):
 def device_flags(parser):
     """parser, with the flags of where a run runs: they change no result, and a resumed run takes
     them anew."""
-    g = parser.add_argument_group("several devices and hosts (README: Several devices)")
+    g = parser.add_argument_group("several devices and hosts (docs/speed.md)")
     g.add_argument("--tensor-parallel", type=int, default=1, metavar="N", help="devices on the "
                    "mesh's model axis, which split each matrix (model.SHARDING); the rest split "
                    "the batch (%(default)s)")
     g.add_argument("--fsdp", action="store_true", help="also split the parameters and optimizer "
-                   "state over the data axis (fully sharded data parallel): less memory each")
+                   "state over the data axis (fully sharded data parallel): less memory per device")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes, one per host, "
                    "joined at JAX_COORDINATOR_ADDRESS (default: 1, or what JAX finds on a cluster)")
     g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N - 1 "
