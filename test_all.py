@@ -1,6 +1,6 @@
 """Tests: each checks one property, against an independent reference (numpy, a hand computation).
 
-    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # about 7 minutes on a 2-core CPU
+    JAX_PLATFORMS=cpu python -m pytest -q test_all.py      # 6 to 7 minutes on a 2-core CPU
 
 Sections, in order: the optimizers against numpy; Muon; bf16 weights and stochastic rounding;
 half-lives and the schedule; the model; the tokenizer and data; token files and big data;
