@@ -1787,6 +1787,7 @@ def test_a_batch_the_data_axis_does_not_divide_is_one_sentence(mesh_runs):
     """--batch 3 on 4 data devices: exit 2 and one sentence naming --tensor-parallel."""
     _, results = mesh_runs
     status, result, stderr = results["four"]
+    assert status == 0, stderr[-3000:]
     assert result["status"]["b3"] == 2
     assert ("error: --batch 3 does not split evenly over the mesh's 4 data devices; give a "
             "multiple of 4, or put devices on the model axis: --tensor-parallel 4 runs batch "
