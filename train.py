@@ -924,7 +924,7 @@ def batch_reader(train_tokens, s, T, mesh):
     their rows split over the data axis; addressed by step number, so a resumed run sees the data
     it would have seen. Each process reads only the rows its devices hold (all, in one process)."""
     sharding, B = batch_sharding(mesh), s.batch
-    rows = np.unique(np.concatenate([np.arange(B)[index[1]] for index in   # in the mesh's order
+    rows = np.unique(np.concatenate([np.arange(B)[index[1]] for index in   # sorted, packed
                                      sharding.addressable_devices_indices_map((1, B, 1)).values()]))
 
     def read(step, n):
